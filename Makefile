@@ -1,0 +1,45 @@
+# `make demo` and `make test` do all the set-up a fresh machine needs, then run.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.condmoe-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+APT_PACKAGES := dataset-fashion-mnist prometheus
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test bench clean
+
+setup: $(STAMP) system-deps
+
+# The venv: torch first, pinned (the CPU wheel on this machine's disk), then condmoe itself.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST (real data) and Prometheus (a real server for the monitoring tests) come from
+# Debian. Without apt, condmoe falls back to scikit-learn's digits and says so.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	    echo "installing Debian packages:$$missing"; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "apt-get not found: Fashion-MNIST and prometheus unavailable (digits fallback)"; fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/condmoe demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/routing.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""condmoe.cluster: Ray launching, job submission, metrics export and the CLI."""

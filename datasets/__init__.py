@@ -1,0 +1,1 @@
+"""condmoe.datasets: WebDataset shards: write, verify, stream, resume."""

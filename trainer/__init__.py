@@ -1,0 +1,1 @@
+"""condmoe.trainer: what runs inside one worker: config, engine, loop, checkpoints."""
