@@ -1,5 +1,16 @@
-"""Registered networks built from condmoe's routed layers."""
+"""Registered networks built from condmoe's routed layers.
+
+Each module listed in ``_MODEL_MODULES`` registers its families with
+``@register_model`` when imported; add a new family's module here.
+"""
+
+import importlib
 
 from .registry import build_model, list_models, register_model
+
+_MODEL_MODULES: tuple[str, ...] = ()
+
+for _name in _MODEL_MODULES:
+    importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["build_model", "list_models", "register_model"]
