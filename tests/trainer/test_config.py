@@ -1,0 +1,101 @@
+"""Job files -> validated config tree, overrides, generated DeepSpeed JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from condmoe.trainer.config import ConfigError, deepspeed_config, dump_job, job_from_dict, load_job
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def test_every_method_has_a_job():
+    assert {p.stem for p in CONFIGS} >= {"condconv", "basisnet", "coe", "cigt", "topk_moe"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_configs_validate_and_generate_deepspeed_json(path):
+    cfg = load_job(path)
+    assert cfg.cluster.name == path.stem
+    assert Path(cfg.data.path).is_absolute()
+    ds = deepspeed_config(cfg, cfg.cluster.workers)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * cfg.cluster.workers * ds[
+        "gradient_accumulation_steps"]
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+    # round trip through the resolved dump
+    import yaml
+    again = job_from_dict(yaml.safe_load(dump_job(cfg)))
+    assert again == cfg
+
+
+def _write(tmp_path, text, name="job.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE = "model: {name: condconv_cnn}\ndata: {path: /tmp/x}\n"
+
+
+def test_unknown_key_names_field_and_file(tmp_path):
+    p = _write(tmp_path, BASE + "optim: {lr: 0.1, lrr: 3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_job(p)
+    msg = str(e.value)
+    assert "optim.lrr" in msg and str(p) in msg and "\n" not in msg
+
+
+def test_wrong_type_names_field(tmp_path):
+    p = _write(tmp_path, BASE + "optim: {steps: many}\n")
+    with pytest.raises(ConfigError, match=r"optim\.steps.*many"):
+        load_job(p)
+
+
+def test_missing_section_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="missing required field 'data'"):
+        load_job(_write(tmp_path, "model: {name: condconv_cnn}\n"))
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_job(_write(tmp_path, "model: {name: [\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_overrides(tmp_path):
+    p = _write(tmp_path, BASE)
+    cfg = load_job(p, ["optim.lr=0.5", "deepspeed.zero_stage=1", "model.options.width=3",
+                       "cluster.address=null", "metrics.eval_batches=2"])
+    assert cfg.optim.lr == 0.5 and cfg.deepspeed.zero_stage == 1
+    assert cfg.model.options == {"width": 3} and cfg.metrics.eval_batches == 2
+    with pytest.raises(ConfigError, match="optim.nope"):
+        load_job(p, ["optim.nope=1"])
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_job(p, ["optim.lr"])
+
+
+def test_topology_checks():
+    cfg = job_from_dict({"model": {"name": "coe_cnn", "experts": 4, "ep_size": 2},
+                         "data": {"path": "/x", "batch_size": 6}})
+    with pytest.raises(ConfigError, match="batch_size=6"):
+        deepspeed_config(cfg, 4)
+    cfg.data.batch_size = 12
+    with pytest.raises(ConfigError, match="ep_size=2"):
+        cfg.check_topology(3)
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        job_from_dict({"model": {"name": "coe_cnn"}, "data": {"path": "/x"},
+                       "deepspeed": {"zero_stage": 3}})
+    with pytest.raises(ConfigError, match="ep_size=3"):
+        job_from_dict({"model": {"name": "coe_cnn", "experts": 4, "ep_size": 3}, "data": {"path": "/x"}})
+
+
+def test_schedules():
+    base = {"model": {"name": "condconv_cnn"}, "data": {"path": "/x"}}
+    for sched, ds_type in (("warmup", "WarmupLR"), ("warmup_decay", "WarmupDecayLR")):
+        cfg = job_from_dict({**base, "optim": {"schedule": sched, "warmup_steps": 5}})
+        assert deepspeed_config(cfg, 1)["scheduler"]["type"] == ds_type
+    cfg = job_from_dict({**base, "optim": {"schedule": "constant", "optimizer": "sgd"}})
+    ds = deepspeed_config(cfg, 1)
+    assert "scheduler" not in ds and ds["optimizer"]["type"] == "SGD"

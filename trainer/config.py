@@ -1,0 +1,354 @@
+"""The job file: one YAML file validated into one typed config tree.
+
+``load_job(path, overrides)`` reads a job file, applies ``--set a.b=c``
+overrides and returns a :class:`JobConfig`. Unknown keys and wrong types raise
+:class:`ConfigError`, one line naming the field and the file. The DeepSpeed
+JSON is generated from the tree by :func:`deepspeed_config` (never kept by
+hand beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
+
+# families whose experts are hard-routed through deepspeed.moe (expert parallelism)
+HARD_ROUTED_MODELS = frozenset({"coe_cnn", "cigt_lenet", "topk_moe_cnn"})
+
+
+class ConfigError(ValueError):
+    """A job file that does not validate; the message is one line naming field and file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which registered network to train (condmoe.routing.build_model)."""
+
+    name: str = Field(description="registered model family, e.g. condconv_cnn, coe_cnn")
+    size: str = Field("small", description="named size of the family: tiny, small, base")
+    experts: int = Field(8, ge=1, description="number of experts / basis models")
+    num_classes: int = Field(10, ge=2, description="classes of the classification head")
+    in_channels: int = Field(1, ge=1, description="input image channels (1 for Fashion-MNIST)")
+    ep_size: int = Field(
+        1, ge=1, description="expert-parallel group size for hard-routed (deepspeed.moe) models"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword options passed to the model builder"
+    )
+
+    @property
+    def hard_routed(self) -> bool:
+        """True for families built on deepspeed.moe with an ep_size option."""
+        return self.name in HARD_ROUTED_MODELS
+
+
+class DataConfig(_Section):
+    """Where samples come from: a shard directory written by ``condmoe shards write``."""
+
+    path: str = Field(description="shard directory holding manifest.parquet (or a URL pattern)")
+    train_split: str = Field("train", description="split trained on")
+    eval_split: str = Field("test", description="split evaluated on")
+    batch_size: int = Field(
+        64, ge=1, description="GLOBAL batch size per optimiser step (split over workers and "
+        "gradient-accumulation micro-steps, so resuming on another worker count keeps it)",
+    )
+    eval_batch_size: int = Field(256, ge=1, description="per-worker batch size of evaluation")
+    num_workers: int = Field(0, ge=0, description="loader worker processes per training worker")
+    seed: int = Field(0, description="seed of the shard/sample order (pure function of seed, epoch)")
+    augment: bool = Field(False, description="random flips/crops on training samples")
+
+
+class OptimConfig(_Section):
+    """Optimiser and learning-rate schedule (mapped into the DeepSpeed JSON)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimiser")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled (adamw) or L2 weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    steps: int = Field(100, ge=1, description="optimiser steps to train in total")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps from 0 to lr")
+    schedule: Literal["constant", "warmup", "warmup_decay"] = Field(
+        "warmup", description="constant lr; linear warm-up then constant; warm-up then linear decay"
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-steps accumulated per optimiser step")
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0 disables)")
+    seed: int = Field(0, description="seed of model initialisation")
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed engine settings beyond the optimiser."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage (hard-routed MoE models support 0-2; resharding needs >= 1)"
+    )
+    bf16: bool = Field(False, description="bf16 mixed precision (CPU: off by default)")
+    torch_adam: bool = Field(
+        True, description="use torch's Adam instead of DeepSpeed's fused op (CPU accelerator)"
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="merged into the generated DeepSpeed JSON last"
+    )
+
+
+class CheckpointConfig(_Section):
+    """Sharded checkpoints: when, how many, and whether they are topology-portable."""
+
+    every: int = Field(0, ge=0, description="save every N optimiser steps (0: only at the end)")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept; older ones are deleted")
+    portable: bool = Field(
+        True, description="also store consolidated weights + optimiser state so a run can "
+        "resume on a different worker count or ep_size",
+    )
+    dir: str | None = Field(
+        None, description="checkpoint root (default: <storage_path>/<run name>/checkpoints)"
+    )
+
+
+class MetricsConfig(_Section):
+    """Logging, evaluation cadence and sample-key recording."""
+
+    log_every: int = Field(10, ge=1, description="report loss/routing stats every N steps")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    eval_batches: int | None = Field(
+        None, ge=1, description="evaluate on at most N batches per worker (None: whole split)"
+    )
+    record_keys: bool = Field(
+        False, description="append every trained sample key to <run>/keys/rank*.jsonl"
+    )
+
+
+class ClusterConfig(_Section):
+    """Ray placement, storage and fault tolerance."""
+
+    workers: int = Field(2, ge=1, description="training workers (Ray Train ScalingConfig)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl backend")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
+    address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
+    storage_path: str = Field("runs", description="run storage root (shared by all nodes)")
+    name: str | None = Field(None, description="run name (default: the job file's stem)")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
+    timeout_s: float = Field(1800.0, gt=0, description="distributed init/collective timeout")
+
+
+class JobConfig(_Section):
+    """One training job: the whole tree a job file describes."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "JobConfig":
+        if self.model.hard_routed and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                f"deepspeed.zero_stage=3 is not supported with hard-routed model {self.model.name!r}"
+            )
+        if self.model.experts % self.model.ep_size:
+            raise ValueError(
+                f"model.ep_size={self.model.ep_size} does not divide model.experts={self.model.experts}"
+            )
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.cluster.name or "job"
+
+    @property
+    def run_dir(self) -> Path:
+        """<storage_path>/<run name>: Ray Train's experiment directory."""
+        return Path(self.cluster.storage_path).expanduser().resolve() / self.run_name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        if self.checkpoint.dir:
+            return Path(self.checkpoint.dir).expanduser().resolve()
+        return self.run_dir / "checkpoints"
+
+    def micro_batch(self, world_size: int) -> int:
+        """Per-worker micro batch: data.batch_size / (world_size * grad_accum), exact."""
+        denom = world_size * self.optim.grad_accum
+        if self.data.batch_size % denom:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} is not divisible by workers*grad_accum={denom}"
+            )
+        return self.data.batch_size // denom
+
+    def check_topology(self, world_size: int) -> None:
+        """Raise ConfigError when the job cannot run on ``world_size`` workers."""
+        self.micro_batch(world_size)
+        if self.model.hard_routed and world_size % self.model.ep_size:
+            raise ConfigError(
+                f"model.ep_size={self.model.ep_size} does not divide the worker count {world_size}"
+            )
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = f"unknown key {field!r}"
+    elif kind == "missing":
+        msg = f"missing required field {field!r}"
+    else:
+        msg = f"field {field!r}: {first['msg']} (got {first.get('input')!r})"
+    more = len(err.errors()) - 1
+    return f"{source}: {msg}" + (f" (and {more} more error(s))" if more else "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> (["a", "b"], value); the value is parsed as YAML (1, true, [1,2], null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """Apply ``--set`` overrides to a raw (unvalidated) job dict, in order."""
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = tree
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def job_from_dict(tree: dict, *, source: str = "<job>") -> JobConfig:
+    """Validate a raw dict into a JobConfig; errors become one-line ConfigErrors."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: a job file must be a YAML mapping, got {type(tree).__name__}")
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate a job file; the run name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"job file {str(path)!r} not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where} malformed YAML: {problem}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a job file must be a YAML mapping, got {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides)
+    tree.setdefault("cluster", {})
+    if isinstance(tree["cluster"], dict):
+        tree["cluster"].setdefault("name", path.stem)
+    cfg = job_from_dict(tree, source=str(path))
+    return resolve_paths(cfg)
+
+
+def resolve_paths(cfg: JobConfig, base: Path | None = None) -> JobConfig:
+    """Make local data/storage/checkpoint paths absolute (workers may run in another cwd)."""
+    base = base or Path.cwd()
+
+    def _abs(p: str) -> str:
+        if "://" in p or p.startswith("/") or "{" in p:
+            return p
+        return str((base / Path(p).expanduser()).resolve())
+
+    cfg.data.path = _abs(cfg.data.path)
+    cfg.cluster.storage_path = _abs(cfg.cluster.storage_path)
+    if cfg.checkpoint.dir:
+        cfg.checkpoint.dir = _abs(cfg.checkpoint.dir)
+    return cfg
+
+
+def dump_job(cfg: JobConfig) -> str:
+    """The resolved config as YAML (saved with every checkpoint)."""
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def _scheduler(cfg: JobConfig) -> dict | None:
+    o = cfg.optim
+    if o.schedule == "constant":
+        return None
+    if o.schedule == "warmup":
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
+                                               "warmup_num_steps": max(o.warmup_steps, 1),
+                                               "warmup_type": "linear"}}
+    return {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
+                                                "warmup_num_steps": max(o.warmup_steps, 1),
+                                                "total_num_steps": max(o.steps, o.warmup_steps + 1),
+                                                "warmup_type": "linear"}}
+
+
+def _optimizer(cfg: JobConfig) -> dict:
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        return {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum,
+                                          "weight_decay": o.weight_decay}}
+    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8,
+                              "weight_decay": o.weight_decay}
+    if cfg.deepspeed.torch_adam:
+        params["torch_adam"] = True
+    if o.optimizer == "adamw":
+        params["adam_w_mode"] = True
+        return {"type": "AdamW", "params": params}
+    params["adam_w_mode"] = False
+    return {"type": "Adam", "params": params}
+
+
+def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for ``world_size`` workers, generated from the job config."""
+    cfg.check_topology(world_size)
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch(world_size),
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "optimizer": _optimizer(cfg),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "seed": cfg.optim.seed,
+    }
+    sched = _scheduler(cfg)
+    if sched is not None:
+        ds["scheduler"] = sched
+    if cfg.deepspeed.zero_stage in (1, 2):
+        # expert (MoE) param groups need their own partitions; contiguous grads are fine on CPU
+        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": False})
+    if cfg.model.hard_routed and cfg.deepspeed.zero_stage > 0:
+        ds["zero_allow_untested_optimizer"] = True
+    ds.update(cfg.deepspeed.extra)
+    return ds
