@@ -1,1 +1,22 @@
-"""condmoe.datasets: WebDataset shards: write, verify, stream, resume."""
+"""condmoe.datasets: WebDataset shards: write, verify, stream, resume.
+
+Write a source as ``{split}-%06d.tar`` shards plus ``manifest.parquet``
+(:func:`write_shards`), check them (:func:`verify_shards`), and read them with
+:class:`StreamingLoader`: deterministic per (seed, epoch), rank- and worker-aware,
+equal steps on every rank, exact mid-epoch resume, bad data skipped and counted.
+"""
+
+from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_default_images, load_digits_images, load_fashion_mnist
+from .loader import StreamingLoader
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, read_manifest
+from .sources import open_source
+from .stream import Batch, resolve_shards
+from .verify import BadShard, SplitSummary, VerifyReport, summarize_shards, verify_shards
+from .writer import write_shards
+
+__all__ = [
+    "Batch", "BadShard", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "MANIFEST_NAME", "Manifest", "ShardInfo",
+    "SplitSummary", "StreamingLoader", "VerifyReport", "load_default_images", "load_digits_images",
+    "load_fashion_mnist", "open_source", "read_manifest", "resolve_shards", "summarize_shards",
+    "verify_shards", "write_shards",
+]

@@ -1,0 +1,152 @@
+"""The public reader: :class:`StreamingLoader` (see :mod:`condmoe.datasets.stream` for the design)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from .plan import carry_for_epoch, steps_in
+from .stream import REMAINDER_MODES, STATE_VERSION, Batch, _EpochStream, resolve_shards
+
+log = logging.getLogger(__name__)
+
+
+class StreamingLoader:
+    """Batches of one rank from WebDataset shards, deterministic and exactly resumable.
+
+    Args:
+        source: a shard folder holding ``manifest.parquet``, the manifest file, or a
+            shard URL / brace pattern (local paths, ``pipe:``, anything webdataset opens).
+        split: ``train``, ``val`` or ``test`` (used to pick shards from a manifest).
+        batch_size: samples per batch on this rank.
+        rank, world_size: this rank and the number of ranks.
+        num_workers: torch DataLoader worker processes (0: read in this process).
+        seed: the epoch order is a function of (seed, epoch) only.
+        augment: random translations (and h-flips where the manifest allows them).
+        remainder: ``drop`` the samples that cannot fill a whole global batch at the end of an
+            epoch, or ``carry`` them to the front of the next epoch.
+        shuffle: shuffle shard order and samples within shards (off: manifest order).
+        mean, std: per-channel normalisation (default: the manifest's train statistics, else 0.5).
+
+    Iterating yields :class:`Batch` es: ``images`` float32 (B, C, H, W), ``labels`` int64 (B,),
+    ``keys``. ``len(loader)`` is the number of batches of the current epoch, the same on every
+    rank. ``state_dict()`` after k batches, loaded into a new loader (any world size, batch size
+    or workers), continues with exactly the samples not yet read.
+    """
+
+    def __init__(self, source: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, augment: bool = False, remainder: str = "drop",
+                 shuffle: bool = True, mean: list[float] | None = None, std: list[float] | None = None,
+                 prefetch_factor: int = 2) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if remainder not in REMAINDER_MODES:
+            raise ValueError(f"remainder must be one of {REMAINDER_MODES}, got {remainder!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.source, self.split = str(source), split
+        self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
+        self.seed, self.augment, self.remainder, self.shuffle = seed, augment, remainder, shuffle
+        self.prefetch_factor = prefetch_factor
+        self.shards, self.meta = resolve_shards(source, split)
+        self.num_samples = sum(s.samples for s in self.shards)
+        if self.num_samples < self.global_batch:
+            raise ValueError(f"split {split!r} has {self.num_samples} samples, fewer than one global batch "
+                             f"({world_size} ranks x {batch_size})")
+        ch = int(self.meta["channels"])
+        self.mean = list(mean if mean is not None else self.meta.get("mean", [0.5] * ch))
+        self.std = list(std if std is not None else self.meta.get("std", [0.5] * ch))
+        if len(self.mean) != ch or len(self.std) != ch or min(self.std) <= 0:
+            raise ValueError(f"mean {self.mean} / std {self.std} must have {ch} entries, std > 0")
+        self.epoch, self.position, self.carry = 0, 0, 0
+        self.bad_samples: dict[str, int] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def epoch_length(self) -> int:
+        """Samples in the current epoch's sequence (carry + the dataset)."""
+        return self.carry + self.num_samples
+
+    def __len__(self) -> int:
+        """Batches per rank in the current epoch (equal on every rank)."""
+        return steps_in(self.epoch_length, 0, self.global_batch)
+
+    @property
+    def batches_remaining(self) -> int:
+        """Batches per rank still to come in the current epoch (after a resume, fewer than len())."""
+        return steps_in(self.epoch_length, self.position, self.global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` from its start; a no-op when already in ``epoch`` (keeps a resumed position)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch == self.epoch:
+            return
+        self.epoch, self.position = epoch, 0
+        self.carry = carry_for_epoch(self.num_samples, epoch, self.global_batch) if self.remainder == "carry" else 0
+
+    def state_dict(self) -> dict:
+        """The reader position in global samples: small, JSON-serialisable, topology-independent."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "carry": self.carry,
+                "seed": self.seed, "num_samples": self.num_samples, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`, possibly of another topology)."""
+        for k in ("version", "epoch", "position", "carry", "seed", "num_samples"):
+            if k not in state:
+                raise ValueError(f"reader state lacks {k!r}: {state}")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"reader state version {state['version']} unsupported (expected {STATE_VERSION})")
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"reader state is for {state['num_samples']} samples, this split has {self.num_samples}")
+        if state["seed"] != self.seed or state.get("shuffle", True) != self.shuffle:
+            raise ValueError(f"reader state has seed={state['seed']} shuffle={state.get('shuffle', True)}, "
+                             f"this loader seed={self.seed} shuffle={self.shuffle}")
+        length = state["carry"] + self.num_samples
+        if not 0 <= state["position"] <= length or not 0 <= state["carry"] <= self.num_samples:
+            raise ValueError(f"reader state position {state['position']} / carry {state['carry']} out of range")
+        self.epoch, self.position, self.carry = int(state["epoch"]), int(state["position"]), int(state["carry"])
+
+    def _snapshot(self) -> _EpochStream:
+        m = self.meta
+        return _EpochStream(self.shards, seed=self.seed, epoch=self.epoch, carry=self.carry, position=self.position,
+                            rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                            shuffle=self.shuffle, augment=self.augment, hflip=bool(m.get("hflip", False)),
+                            channels=int(m["channels"]), height=int(m["height"]), width=int(m["width"]),
+                            mean=self.mean, std=self.std)
+
+    def _advance(self) -> None:
+        leftover = self.epoch_length - self.position
+        self.epoch, self.position = self.epoch + 1, 0
+        self.carry = leftover if self.remainder == "carry" else 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch; when it is read to the end the loader moves to the next epoch."""
+        if self.batches_remaining == 0:
+            self._advance()
+        stream = self._snapshot()
+        if self.num_workers == 0:
+            batches = iter(stream)
+        else:
+            batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                      prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        done = 0
+        for batch in batches:
+            self.position += self.global_batch
+            for reason, n in batch.bad.items():
+                self.bad_samples[reason] = self.bad_samples.get(reason, 0) + n
+            done += 1
+            yield batch
+        if done != stream.steps:
+            raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} gave {done} batches, expected {stream.steps}")
+        self._advance()

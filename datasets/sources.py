@@ -1,0 +1,256 @@
+"""Image-classification sources that :func:`condmoe.datasets.write_shards` turns into shards.
+
+A source is named by a string:
+
+- ``fashion_mnist`` or ``fashion_mnist:DIR``: Fashion-MNIST (Xiao, Rasul, Vollgraf,
+  arXiv 1708.07747) from the four idx .gz files (default
+  /usr/share/datasets/fashion-mnist, Debian package ``dataset-fashion-mnist``).
+  Its train split gives train + val, its test split gives test.
+- ``digits``: scikit-learn's 8x8 handwritten digits (1797 images), split three ways.
+- ``imagefolder:PATH``: one subfolder per class (torchvision ImageFolder layout); when
+  PATH holds ``train/``, ``val/`` or ``test/`` subfolders those are the splits.
+- ``synthetic:n=N,size=S,channels=C,classes=K``: class-conditional images of any
+  size and resolution, generated lazily and deterministically (scale tests).
+
+Every source yields ``(key, image uint8 (H, W) or (H, W, C), label)`` per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_digits_images, load_fashion_mnist
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+Sample = tuple[str, np.ndarray, int]
+
+
+@dataclass
+class SplitSource:
+    """One split of a source: ``n`` samples produced in a fixed order by ``iterate()``."""
+
+    n: int
+    iterate: Callable[[], Iterator[Sample]]
+
+
+@dataclass
+class Source:
+    """A parsed source: its splits, class names, image geometry and whether h-flips keep labels."""
+
+    name: str
+    classes: tuple[str, ...]
+    channels: int
+    height: int
+    width: int
+    splits: dict[str, SplitSource] = field(default_factory=dict)
+    hflip: bool = True
+
+
+def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded permutation of range(n) cut into train/val/test (each part sorted back into source order)."""
+    perm = np.random.default_rng([seed, 0xDA7A]).permutation(n)
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+    return {k: np.sort(v) for k, v in parts.items()}
+
+
+def _array_split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, prefix: str, shuffle_seed: int | None) -> SplitSource:
+    order = idx if shuffle_seed is None else idx[np.random.default_rng([shuffle_seed, 0x5A1D]).permutation(len(idx))]
+
+    def iterate() -> Iterator[Sample]:
+        for i in order:
+            yield f"{prefix}_{int(i):08d}", images[i], int(labels[i])
+
+    return SplitSource(len(order), iterate)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def fashion_mnist_source(root: str | Path, *, val_fraction: float, seed: int, limit: int | None) -> Source:
+    """Fashion-MNIST: train -> train + val (seeded), test -> test. Keys ``train_00012345`` name the source index."""
+    tr_x, tr_y = load_fashion_mnist("train", root=root, limit=limit)
+    te_x, te_y = load_fashion_mnist("test", root=root, limit=limit)
+    cut = _split_indices(len(tr_x), val_fraction, 0.0, seed)
+    src = Source("fashion_mnist", FASHION_MNIST_CLASSES, 1, 28, 28, hflip=True)
+    src.splits["train"] = _array_split(tr_x, tr_y, cut["train"], "train", seed)
+    src.splits["val"] = _array_split(tr_x, tr_y, cut["val"], "train", None)
+    src.splits["test"] = _array_split(te_x, te_y, np.arange(len(te_x)), "test", None)
+    return src
+
+
+def digits_source(*, val_fraction: float, test_fraction: float, seed: int, limit: int | None) -> Source:
+    """scikit-learn digits (8x8, 10 classes) split three ways; keys ``digits_00000042``."""
+    x, y = load_digits_images(limit=limit)
+    cut = _split_indices(len(x), val_fraction, test_fraction, seed)
+    src = Source("digits", tuple(str(d) for d in range(10)), 1, 8, 8, hflip=False)
+    for split in SPLITS:
+        src.splits[split] = _array_split(x, y, cut[split], "digits", seed if split == "train" else None)
+    return src
+
+
+def _load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def imagefolder_source(
+    root: str | Path, *, val_fraction: float, test_fraction: float, seed: int, limit: int | None,
+    image_size: int | None, channels: int | None,
+) -> Source:
+    """ImageFolder layout: ``root/<class>/*.png`` (split here) or ``root/<split>/<class>/*``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder {root} is not a directory")
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    class_roots = list(split_dirs.values()) or [root]
+    classes = sorted({d.name for r in class_roots for d in r.iterdir() if d.is_dir()})
+    if not classes:
+        raise ValueError(f"imagefolder {root} has no class subfolders")
+    cls_index = {c: i for i, c in enumerate(classes)}
+
+    def files_of(r: Path) -> list[tuple[Path, int]]:
+        out = []
+        for c in classes:
+            if (r / c).is_dir():
+                out += [(p, cls_index[c]) for p in sorted((r / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        return out[:limit] if limit is not None else out
+
+    lists = {s: files_of(d) for s, d in split_dirs.items()}
+    if not lists:
+        everything = files_of(root)
+        cut = _split_indices(len(everything), val_fraction, test_fraction, seed)
+        lists = {s: [everything[i] for i in cut[s]] for s in SPLITS}
+    first = next((fl[0][0] for fl in lists.values() if fl), None)
+    if first is None:
+        raise ValueError(f"imagefolder {root} holds no images with suffix {IMAGE_SUFFIXES}")
+    if channels is None:
+        from PIL import Image
+
+        with Image.open(first) as im:
+            channels = 1 if im.mode in ("L", "1", "I", "I;16", "F") else 3
+    probe = _load_image(first, channels, image_size)
+    height, width = probe.shape[:2]
+    src = Source(f"imagefolder:{root}", tuple(classes), channels, height, width, hflip=True)
+    for split, flist in lists.items():
+        order = flist if split != "train" else [flist[i] for i in np.random.default_rng([seed, 0x5A1D]).permutation(len(flist))]
+
+        def iterate(order: list[tuple[Path, int]] = order, split: str = split) -> Iterator[Sample]:
+            for path, label in order:
+                img = _load_image(path, channels, image_size)
+                if img.shape[:2] != (height, width):
+                    raise ValueError(f"image {path} is {img.shape[1]}x{img.shape[0]}, expected {width}x{height}; pass image_size")
+                rel = path.relative_to(root).with_suffix("")
+                yield "img_" + "_".join(rel.parts).replace(".", "_"), img, label
+
+        src.splits[split] = SplitSource(len(order), iterate)
+    return src
+
+
+def _parse_kv(spec: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, spec.split(",")):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise ValueError(f"synthetic option {part!r} is not key=value")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise ValueError(f"synthetic option {k}={v!r} is not an integer") from None
+    return out
+
+
+def synthetic_source(spec: str, *, val_fraction: float, test_fraction: float, seed: int, limit: int | None) -> Source:
+    """``synthetic:n=1000,size=32,channels=3,classes=10``: class prototypes + noise + random shifts.
+
+    Sample i is a function of (seed, i) only, generated in chunks of 256 so any ``n`` streams in
+    bounded memory.
+    """
+    opts = {"n": 1000, "size": 32, "channels": 3, "classes": 10}
+    given = _parse_kv(spec)
+    unknown = set(given) - set(opts)
+    if unknown:
+        raise ValueError(f"unknown synthetic option(s) {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update(given)
+    n, size, ch, k = opts["n"], opts["size"], opts["channels"], opts["classes"]
+    if n < 1 or size < 4 or ch not in (1, 3) or k < 2:
+        raise ValueError(f"synthetic options out of range: {opts} (n>=1, size>=4, channels 1 or 3, classes>=2)")
+    if limit is not None:
+        n = min(n, limit)
+    grid = max(2, size // 8)
+    protos = np.random.default_rng([seed, 0x9807]).random((k, grid, grid, ch))
+    reps = -(-size // grid)
+    protos = np.repeat(np.repeat(protos, reps, axis=1), reps, axis=2)[:, :size, :size, :]
+    chunk = 256
+
+    def make(i0: int, i1: int) -> Iterator[tuple[int, np.ndarray, int]]:
+        for c in range(i0 // chunk, (i1 - 1) // chunk + 1):
+            rng = np.random.default_rng([seed, 0x5747, c])
+            m = chunk
+            labels = rng.integers(0, k, m)
+            noise = rng.normal(0.0, 0.12, (m, size, size, ch))
+            shifts = rng.integers(-(size // 8), size // 8 + 1, (m, 2))
+            for j in range(m):
+                i = c * chunk + j
+                if i0 <= i < i1:
+                    img = np.roll(protos[labels[j]], tuple(shifts[j]), axis=(0, 1)) + noise[j]
+                    img = np.clip(img * 255.0, 0, 255).astype(np.uint8)
+                    yield i, (img[:, :, 0] if ch == 1 else img), int(labels[j])
+
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}
+    src = Source(f"synthetic:n={n},size={size},channels={ch},classes={k}", tuple(f"class{c}" for c in range(k)), ch, size, size, hflip=False)
+    for split, (a, b) in bounds.items():
+
+        def iterate(a: int = a, b: int = b) -> Iterator[Sample]:
+            if b > a:
+                for i, img, label in make(a, b):
+                    yield f"synth_{i:09d}", img, label
+
+        src.splits[split] = SplitSource(b - a, iterate)
+    return src
+
+
+def open_source(
+    source: str, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+    limit: int | None = None, image_size: int | None = None, channels: int | None = None,
+) -> Source:
+    """Parse a source name (see the module docstring) into a :class:`Source`."""
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    kind, _, arg = source.partition(":")
+    if kind == "fashion_mnist":
+        return fashion_mnist_source(arg or FASHION_MNIST_DIR, val_fraction=val_fraction, seed=seed, limit=limit)
+    if kind == "digits":
+        return digits_source(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
+    if kind == "imagefolder":
+        if not arg:
+            raise ValueError("imagefolder source needs a path: imagefolder:PATH")
+        return imagefolder_source(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                  limit=limit, image_size=image_size, channels=channels)
+    if kind == "synthetic":
+        return synthetic_source(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
+    raise ValueError(f"unknown source {source!r}; use fashion_mnist[:DIR], digits, imagefolder:PATH or synthetic:k=v,...")

@@ -1,0 +1,201 @@
+"""StreamingLoader: deterministic, rank- and worker-aware, exactly resumable reading of tar shards.
+
+WebDataset's own pipeline cannot resume mid-epoch (its order depends on shuffle
+buffers and worker timing); MosaicML streaming can, but only over its own MDS
+format. Here the order of an epoch is a pure function of (seed, epoch) (see
+:mod:`condmoe.datasets.plan`), each (rank, loader worker) reads a disjoint set of
+global steps, and the resume state is ``{epoch, position, carry}`` in *global*
+samples, so it stays valid when the job comes back with another world size, batch
+size or number of loader workers.
+
+Bad data never stops an epoch: a missing shard, a tar of random bytes, a truncated
+tar, a sample without label or with an undecodable image is skipped, counted in
+``bad_samples[reason]`` and logged with the shard's name; the batch is topped up with
+copies of good samples (keys suffixed ``#fillN``) so every rank still runs the same
+number of steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .manifest import MANIFEST_NAME, read_manifest
+from .plan import carry_for_epoch, epoch_sequence, rank_positions, steps_in
+from .shardio import BadSample, ShardRead, decode_sample, is_local, probe_shard, read_shard, shard_name
+
+log = logging.getLogger(__name__)
+
+REMAINDER_MODES = ("drop", "carry")
+STATE_VERSION = 1
+
+
+@dataclass
+class Batch:
+    """One per-rank batch. images: float32 (B, C, H, W) normalised; labels: int64 (B,); keys: B unique keys."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+    step: int = 0  # step index counted from where this pass over the epoch started
+    bad: dict[str, int] = field(default_factory=dict)  # bad samples met while building this batch
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    url: str
+    name: str
+    samples: int
+
+
+def _expand(pattern: str) -> list[str]:
+    import braceexpand
+
+    return [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
+
+
+def resolve_shards(source: str | Path, split: str) -> tuple[list[ShardRef], dict]:
+    """Shards of ``split`` and the dataset metadata, from a shard folder / manifest or a URL pattern.
+
+    A folder (or ``manifest.parquet``) gives the split's shards in name order. A URL or
+    brace pattern (``/d/train-{000000..000009}.tar``, ``pipe:...``, ``::`` joins several)
+    is taken as the shard list itself (``split`` is then only a label); counts come from
+    a manifest beside local shards when it lists them all, else from reading each shard once.
+    """
+    src = str(source)
+    p = Path(src)
+    if is_local(src) and "{" not in src and (p.is_dir() or p.name == MANIFEST_NAME):
+        folder = p if p.is_dir() else p.parent
+        man = read_manifest(folder)
+        rows = man.split(split)
+        return [ShardRef(str(folder / r.shard), r.shard, r.samples) for r in rows], dict(man.meta)
+    urls = _expand(src)
+    if not urls:
+        raise ValueError(f"shard pattern {src!r} expands to nothing")
+    if all(is_local(u) for u in urls):
+        parents = {Path(u).parent for u in urls}
+        if len(parents) == 1 and (next(iter(parents)) / MANIFEST_NAME).exists():
+            man = read_manifest(next(iter(parents)))
+            by_name = {r.shard: r for r in man.shards}
+            if all(Path(u).name in by_name for u in urls):
+                return [ShardRef(u, Path(u).name, by_name[Path(u).name].samples) for u in urls], dict(man.meta)
+    log.info("no manifest for %d shard(s) of %s: counting samples by reading each once", len(urls), src)
+    refs, shape = [], None
+    for u in urls:
+        count, sh, err = probe_shard(u)
+        if err is not None:
+            log.warning("shard %s: %s while counting; %d readable sample(s)", shard_name(u), err, count)
+        refs.append(ShardRef(u, shard_name(u), count))
+        shape = shape or sh
+    if shape is None:
+        raise ValueError(f"no decodable image in any shard of {src!r}")
+    return refs, {"height": shape[0], "width": shape[1], "channels": shape[2], "hflip": False}
+
+
+class _EpochStream(IterableDataset):
+    """The batches of one rank for one epoch from one start position (a picklable snapshot)."""
+
+    def __init__(self, shards: list[ShardRef], *, seed: int, epoch: int, carry: int, position: int, rank: int,
+                 world_size: int, batch_size: int, shuffle: bool, augment: bool, hflip: bool,
+                 channels: int, height: int, width: int, mean: list[float], std: list[float]) -> None:
+        self.shards, self.seed, self.epoch, self.carry, self.position = shards, seed, epoch, carry, position
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.shuffle, self.augment, self.hflip = shuffle, augment, hflip
+        self.channels, self.height, self.width = channels, height, width
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        n = sum(s.samples for s in shards)
+        self.steps = steps_in(carry + n, position, world_size * batch_size)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        seq_s, seq_i = epoch_sequence([s.samples for s in self.shards], self.seed, self.epoch, self.carry, self.shuffle)
+        my_steps = range(wid, self.steps, nw)
+        pos = {t: rank_positions(self.position, t, self.rank, self.world_size, self.batch_size) for t in my_steps}
+        need: dict[int, set[int]] = {}
+        for t in my_steps:
+            for p in pos[t]:
+                need.setdefault(int(seq_s[p]), set()).add(int(seq_i[p]))
+        uses = Counter({s: len(ix) for s, ix in need.items()})
+        cache: dict[int, ShardRead] = {}
+        flat = [(t, int(seq_s[p]), int(seq_i[p])) for t in my_steps for p in pos[t]]
+        last_good: tuple[str, np.ndarray, int] | None = None
+
+        def get(s: int, i: int) -> tuple[tuple[str, np.ndarray, int] | None, str | None]:
+            if s not in cache:
+                cache[s] = read = read_shard(self.shards[s].url, need[s])
+                if read.error:
+                    log.warning("shard %s: %s (%s); its unread samples are skipped", self.shards[s].name, read.error, read.message)
+            read = cache[s]
+            if i not in read.samples:
+                return None, read.error or "truncated_tar"
+            key, parts = read.samples[i]
+            try:
+                img, label = decode_sample(parts, self.channels, self.height, self.width)
+            except BadSample as exc:
+                log.warning("shard %s: sample %s skipped: %s: %s", self.shards[s].name, key, exc.reason, exc)
+                return None, exc.reason
+            return (key, img, label), None
+
+        for t in my_steps:
+            good, bad = [], Counter()
+            for p in pos[t]:
+                s, i = int(seq_s[p]), int(seq_i[p])
+                item, reason = get(s, i)
+                uses[s] -= 1
+                if uses[s] == 0:
+                    cache.pop(s, None)
+                if item is None:
+                    bad[reason] += 1
+                else:
+                    good.append(item)
+            if good:
+                last_good = good[-1]
+            elif last_good is None:  # nothing good yet in this worker: look ahead in its own plan
+                last_good = next((it for _, s2, i2 in flat if (it := get(s2, i2)[0]) is not None), None)
+                if last_good is None:
+                    raise RuntimeError(f"epoch {self.epoch} rank {self.rank} worker {wid}: no readable sample in any of its shards")
+            fill = list(good) or [last_good]
+            j = 0
+            while len(good) < self.batch_size:  # top up with copies so every rank keeps its step count
+                key, img, label = fill[j % len(fill)]
+                good.append((f"{key}#fill{len(good)}", img, label))
+                j += 1
+            yield self._collate(good, t, dict(bad))
+
+    def _collate(self, items: list[tuple[str, np.ndarray, int]], step: int, bad: dict[str, int]) -> Batch:
+        imgs = np.stack([it[1] for it in items])  # (B, H, W, C) uint8
+        if self.augment:
+            imgs = self._augment(imgs, step)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        labels = torch.tensor([it[2] for it in items], dtype=torch.int64)
+        return Batch(x.contiguous(), labels, [it[0] for it in items], step, bad)
+
+    def _augment(self, imgs: np.ndarray, step: int) -> np.ndarray:
+        """Random translation by up to H/8 (zero padding) and, when labels allow, horizontal flips.
+
+        Seeded by (seed, epoch, global position of the batch): a resumed run augments identically.
+        """
+        b, h, w, _ = imgs.shape
+        start = int(rank_positions(self.position, step, self.rank, self.world_size, self.batch_size)[0])
+        rng = np.random.default_rng([self.seed, self.epoch, start, 0xA06])
+        pad = max(1, h // 8)
+        padded = np.pad(imgs, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        dy, dx = rng.integers(0, 2 * pad + 1, (2, b))
+        flips = rng.random(b) < 0.5
+        out = np.empty_like(imgs)
+        for j in range(b):
+            crop = padded[j, dy[j] : dy[j] + h, dx[j] : dx[j] + w]
+            out[j] = crop[:, ::-1] if (self.hflip and flips[j]) else crop
+        return out

@@ -1,0 +1,182 @@
+"""Write a source as WebDataset shards ``{split}-%06d.tar`` plus ``manifest.parquet``.
+
+Each sample is two tar members stored next to each other, ``KEY.cls`` (the label as
+ASCII digits) then ``KEY.png`` (the image, grayscale or RGB), the layout plain
+``webdataset`` reads with ``.decode("pil")``. Every shard holds ``samples_per_shard``
+samples except the last of each split, which holds the remainder (the manifest
+records each count). Members carry a fixed mtime, uid/gid 0 and mode 0444, so the
+same input gives byte-identical shards.
+
+Publishing is atomic: shards and manifest go to a hidden ``.NAME.partial-PID``
+folder beside ``out_dir`` that is renamed to ``out_dir`` only when complete, so a
+killed writer never leaves something that looks like a complete set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import MANIFEST_NAME, ShardInfo, write_manifest
+from .sources import SPLITS, Source, open_source
+
+log = logging.getLogger(__name__)
+
+FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant makes the output reproducible
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes of ``img``: uint8 (H, W) grayscale or (H, W, 3) RGB."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    ti.mtime = mtime
+    ti.mode = 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = "condmoe"
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _Stats:
+    """Running per-channel sum and sum of squares of the train images (values 0..1)."""
+
+    def __init__(self, channels: int) -> None:
+        self.n = 0
+        self.s = np.zeros(channels)
+        self.ss = np.zeros(channels)
+
+    def add(self, img: np.ndarray) -> None:
+        x = img.reshape(-1, self.s.size).astype(np.float64) / 255.0
+        self.n += x.shape[0]
+        self.s += x.sum(0)
+        self.ss += (x * x).sum(0)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        if self.n == 0:
+            return [0.5] * self.s.size, [0.5] * self.s.size
+        mean = self.s / self.n
+        std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 1e-12))
+        return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+def _write_split(src: Source, split: str, tmp: Path, samples_per_shard: int, mtime: int,
+                 stats: _Stats | None, tick: Callable[[], None]) -> list[ShardInfo]:
+    rows: list[ShardInfo] = []
+    k = len(src.classes)
+    tf: tarfile.TarFile | None = None
+    counts = [0] * k
+    n_in, first, path = 0, "", Path()
+
+    def close(tf: tarfile.TarFile) -> None:
+        tf.close()
+        rows.append(ShardInfo(split, path.name, n_in, path.stat().st_size, _sha256(path), tuple(counts), first))
+
+    for key, img, label in src.splits[split].iterate():
+        if not 0 <= label < k:
+            raise ValueError(f"sample {key}: label {label} outside 0..{k - 1}")
+        if tf is None or n_in == samples_per_shard:
+            if tf is not None:
+                close(tf)
+            path = tmp / f"{split}-{len(rows):06d}.tar"
+            tf = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+            counts, n_in, first = [0] * k, 0, key
+        _add_member(tf, f"{key}.cls", str(label).encode(), mtime)
+        _add_member(tf, f"{key}.png", encode_png(img), mtime)
+        counts[label] += 1
+        n_in += 1
+        if stats is not None:
+            stats.add(img)
+        tick()
+    if tf is not None:
+        close(tf)
+    return rows
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {out} exists and is not empty (pass overwrite=True / --overwrite)")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+
+
+def write_shards(
+    source: str, out_dir: str | Path, *, samples_per_shard: int, val_fraction: float = 0.1,
+    test_fraction: float = 0.2, seed: int = 0, limit: int | None = None, image_size: int | None = None,
+    channels: int | None = None, overwrite: bool = False, mtime: int = FIXED_MTIME,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write ``source`` (see :mod:`condmoe.datasets.sources`) as shards in ``out_dir``; return it.
+
+    ``val_fraction`` of the train data becomes the val split (seeded); ``test_fraction``
+    applies to sources without their own test split. ``limit`` caps each source split.
+    ``progress(done, total)`` is called after every sample.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {out} exists and is not empty (pass overwrite=True / --overwrite)")
+    src = open_source(source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                      limit=limit, image_size=image_size, channels=channels)
+    total = sum(s.n for s in src.splits.values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        stats = _Stats(src.channels)
+        rows: list[ShardInfo] = []
+        for split in SPLITS:
+            if split in src.splits and src.splits[split].n > 0:
+                rows += _write_split(src, split, tmp, samples_per_shard, mtime, stats if split == "train" else None, tick)
+        mean, std = stats.mean_std()
+        meta = {
+            "source": src.name, "classes": list(src.classes), "channels": src.channels,
+            "height": src.height, "width": src.width, "mean": mean, "std": std, "hflip": src.hflip,
+            "samples_per_shard": samples_per_shard, "seed": seed, "image_ext": "png", "label_ext": "cls",
+        }
+        write_manifest(tmp / MANIFEST_NAME, rows, meta)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d samples in %d shards to %s", done, len(rows), out)
+    return out
