@@ -1,0 +1,85 @@
+"""``condmoe shards write|verify|inspect``: build, check and summarise WebDataset shard sets."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from condmoe.datasets import summarize_shards, verify_shards, write_shards
+
+
+def _write(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    with Progress(TextColumn("writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=args.no_progress or not console.is_terminal) as bar:
+        task = bar.add_task("write", total=None)
+
+        def progress(done: int, total: int) -> None:
+            if done % 256 == 0 or done == total:
+                bar.update(task, completed=done, total=total)
+
+        out = write_shards(args.source, args.out, samples_per_shard=args.samples_per_shard,
+                           val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                           limit=args.limit, image_size=args.image_size, channels=args.channels,
+                           overwrite=args.overwrite, progress=progress)
+    summary, _ = summarize_shards(out)
+    print(f"wrote {sum(s.samples for s in summary)} samples in {sum(s.shards for s in summary)} shards to {out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify_shards(args.dir)
+    for bad in report.bad:
+        print(f"BAD {bad.shard}: {bad.reason}")
+    for name in report.unlisted:
+        print(f"note: {name} is not listed in the manifest")
+    status = "OK" if report.ok else f"{len(report.bad)} bad shard(s)"
+    print(f"{status}: checked {report.checked} shards, {report.samples} samples in good shards, {report.folder}")
+    return 0 if report.ok else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary, meta = summarize_shards(args.dir)
+    classes = meta.get("classes", [])
+    table = Table(title=f"{args.dir}  source={meta.get('source', '?')}  "
+                        f"image={meta.get('channels', '?')}x{meta.get('height', '?')}x{meta.get('width', '?')}")
+    for col in ("split", "shards", "samples", "MB", "min/max class", "class counts"):
+        table.add_column(col, justify="left" if col in ("split", "class counts") else "right")
+    for s in summary:
+        counts = " ".join(f"{classes[i] if i < len(classes) else i}={c}" for i, c in enumerate(s.class_counts))
+        table.add_row(s.split, str(s.shards), str(s.samples), f"{s.bytes / 1e6:.1f}", f"{s.balance:.2f}", counts)
+    Console(file=sys.stdout, width=200).print(table)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``shards`` with its ``write``, ``verify`` and ``inspect`` subcommands."""
+    p = subparsers.add_parser("shards", help="write, verify and inspect WebDataset shard sets")
+    sub = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+
+    w = sub.add_parser("write", help="write a source as {split}-%%06d.tar shards + manifest.parquet")
+    w.add_argument("--source", required=True,
+                   help="fashion_mnist[:DIR] | digits | imagefolder:PATH | synthetic:n=N,size=S,channels=C,classes=K")
+    w.add_argument("--out", required=True, help="output folder (published atomically when complete)")
+    w.add_argument("--samples-per-shard", type=int, required=True)
+    w.add_argument("--val-fraction", type=float, default=0.1, help="share of the train data held out as val")
+    w.add_argument("--test-fraction", type=float, default=0.2, help="test share for sources without a test split")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--limit", type=int, default=None, help="at most this many samples per source split")
+    w.add_argument("--image-size", type=int, default=None, help="resize imagefolder images to SIZE x SIZE")
+    w.add_argument("--channels", type=int, choices=(1, 3), default=None, help="imagefolder: 1 gray or 3 RGB")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=_write)
+
+    v = sub.add_parser("verify", help="check every shard against the manifest; exit 1 when any is bad")
+    v.add_argument("dir")
+    v.set_defaults(func=_verify)
+
+    i = sub.add_parser("inspect", help="table of splits, shards, samples and class balance")
+    i.add_argument("dir")
+    i.set_defaults(func=_inspect)
