@@ -1,0 +1,80 @@
+"""cigt_lenet: the CIGT paper's Fashion-MNIST network (arXiv 2402.08345), a [1, 2, 4] LeNet trellis.
+
+"small" is the paper's network: conv 5x5 32 (+ max pool) -> [2 paths] conv 5x5 32
+(+ max pool) -> [4 paths] conv 1x1 32, FC 128, FC 64, one classifier head per leaf;
+routers with FC 128 and pool strides [2, 1] (at 28x28 input: pooled to 7x7 both
+times, written as adaptive pools so other input sizes work). "tiny" halves
+every width. Each block: conv, batch norm, ReLU (BN is our choice; the paper's
+code uses it in its LeNet blocks).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..cigt import CIGT, CIGTConfig, CIGTRouter
+from .registry import register_model
+
+# conv channels per layer, leaf FC widths, router hidden width
+SIZES = {
+    "tiny": {"channels": (16, 16, 16), "fc": (64, 32), "router_hidden": 64},
+    "small": {"channels": (32, 32, 32), "fc": (128, 64), "router_hidden": 128},
+}
+_LEAF_POOL = 7  # the leaf conv sees a 7x7 map at 28x28 input (two 2x2 max pools)
+_ROUTER_POOL = (7, 7)  # AvgPool stride 2 on 14x14, stride 1 on 7x7
+
+
+def _norm(channels: int, norm: str) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"cigt_lenet norm must be 'batch' or 'none', got {norm!r}")
+
+
+def _conv_block(c_in: int, c_out: int, kernel: int, norm: str, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), _norm(c_out, norm), nn.ReLU()]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def _leaf(c_in: int, c: int, fc: tuple[int, int], num_classes: int, norm: str, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        _conv_block(c_in, c, 1, norm, pool=False), nn.AdaptiveAvgPool2d(_LEAF_POOL), nn.Flatten(),
+        nn.Linear(c * _LEAF_POOL * _LEAF_POOL, fc[0]), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(fc[0], fc[1]), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(fc[1], num_classes),
+    )
+
+
+@register_model("cigt_lenet", tuple(SIZES))
+def cigt_lenet(size: str, *, num_classes: int = 10, in_channels: int = 1, experts: int | None = None,
+               paths: tuple[int, ...] | None = None, norm: str = "batch", dropout: float = 0.0,
+               router_dropout: float = 0.5, **cigt_options) -> CIGT:
+    """experts: number of leaf paths (default 4: paths (1, 2, 4)); paths: the whole trellis, e.g. (1, 2, 4)
+    or (1, 4) (the last layer is the leaf layer, the first must be 1). Other options are CIGTConfig fields."""
+    if paths is None:
+        leaves = 4 if experts is None else int(experts)
+        paths = (1, max(1, leaves // 2), leaves)
+    paths = tuple(int(k) for k in paths)
+    if experts is not None and int(experts) != paths[-1]:
+        raise ValueError(f"cigt_lenet experts={experts} must equal the leaf count paths[-1]={paths[-1]}")
+    config = CIGTConfig(paths=paths, **cigt_options)
+    spec = SIZES[size]
+    channels, n_layers = spec["channels"], len(paths)
+    if n_layers > 3:
+        raise ValueError(f"cigt_lenet has at most 3 layers, got paths={paths}")
+    layers, routers = [], []
+    c_in = in_channels
+    for l, k in enumerate(paths):
+        c = channels[3 - n_layers + l]
+        if l == n_layers - 1:
+            blocks = [_leaf(c_in, c, spec["fc"], num_classes, norm, dropout) for _ in range(k)]
+        else:
+            blocks = [_conv_block(c_in, c, 5, norm, pool=True) for _ in range(k)]
+            routers.append(CIGTRouter(c, paths[l + 1], hidden=spec["router_hidden"], pool_size=_ROUTER_POOL[l],
+                                      dropout=router_dropout, norm=norm == "batch"))
+        layers.append(nn.ModuleList(blocks))
+        c_in = c
+    return CIGT(layers, routers, config, num_classes=num_classes)
