@@ -104,11 +104,14 @@ def digits_source(*, val_fraction: float, test_fraction: float, seed: int, limit
 def _load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"image {path} cannot be read: {exc}") from None
 
 
 def imagefolder_source(
