@@ -48,8 +48,8 @@ class ModelConfig(_Section):
 
     @property
     def hard_routed(self) -> bool:
-        """True for families built on deepspeed.moe with an ep_size option."""
-        return self.name in HARD_ROUTED_MODELS
+        """True for families built on deepspeed.moe (they take the ep_size option)."""
+        return self.name in HARD_ROUTED_MODELS or self.ep_size > 1
 
 
 class DataConfig(_Section):

@@ -1,0 +1,63 @@
+"""Helpers for trainer tests: run N real worker processes (gloo) on one job file."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).resolve().parent / "_train_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_workers(job: Path, world: int, out: Path, *, resume: str | None = None,
+                  overrides: list[str] = ()) -> list[subprocess.Popen]:
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job), str(out),
+                                       resume or "-", *overrides], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def run_workers(job: Path, world: int, out: Path, *, resume: str | None = None,
+                overrides: list[str] = (), timeout: float = 240) -> dict:
+    """Start ``world`` training processes on ``job``; returns rank 0's result JSON."""
+    procs = start_workers(job, world, out, resume=resume, overrides=overrides)
+    logs = []
+    try:
+        for p in procs:
+            stdout, _ = p.communicate(timeout=timeout)
+            logs.append(stdout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            raise AssertionError(f"worker exited {p.returncode}:\n{log[-4000:]}")
+    res = json.loads(out.read_text())
+    res["losses"] = {int(k): v for k, v in res["losses"].items()}
+    return res
+
+
+def tiny_job(model: str = "test_soft_cnn", *, steps: int = 6, every: int = 3, **model_opts) -> dict:
+    """A job dict for the tiny test models on the in-memory Fashion-MNIST slice."""
+    return {"model": {"name": model, "size": "tiny", "experts": 4, **model_opts},
+            "data": {"path": "MEMORY", "batch_size": 32, "eval_batch_size": 128},
+            "optim": {"steps": steps, "lr": 0.003, "schedule": "constant"},
+            "checkpoint": {"every": every, "keep_last": 2},
+            "metrics": {"log_every": 2, "eval_batches": 1}}

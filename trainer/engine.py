@@ -1,0 +1,127 @@
+"""Build the DeepSpeed engine of a job: model from the registry, parallelism, initialize last.
+
+The order follows torchtitan: build the model, apply parallelism with
+``apply_*`` functions that change it in place, then hand it to
+``deepspeed.initialize``. Soft-routed models (CondConv, BasisNet) are plain
+data parallel with ZeRO-sharded optimiser state; hard-routed ones (CoE, CIGT,
+top-k MoE) hold ``deepspeed.moe`` layers whose experts are spread over an
+expert-parallel group of ``ep_size`` workers, and their expert parameters get
+their own optimiser groups (DeepSpeed reduces them over the expert-data-parallel
+group only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import JobConfig, deepspeed_config
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(cfg: JobConfig) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world_size).
+
+    Under Ray Train or the ``deepspeed`` launcher the process group or the
+    RANK/WORLD_SIZE/MASTER_* variables already exist; a bare single process
+    gets a world of one on 127.0.0.1. Backend: nccl with GPUs, gloo on CPU.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.cluster.use_gpu else "cpu")
+    import deepspeed
+
+    if not dist.is_initialized():
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if cfg.cluster.use_gpu else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=cfg.cluster.timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_model(cfg: JobConfig) -> nn.Module:
+    """The job's network from condmoe.routing's registry (seeded: same init on every rank)."""
+    from condmoe.routing import build_model as registry_build
+
+    torch.manual_seed(cfg.optim.seed)
+    m = cfg.model
+    options = {"experts": m.experts, "num_classes": m.num_classes, "in_channels": m.in_channels,
+               **m.options}
+    if m.hard_routed:
+        options["ep_size"] = m.ep_size
+    return registry_build(m.name, m.size, **options)
+
+
+def has_moe_params(model: nn.Module) -> bool:
+    """True when the model holds deepspeed.moe expert parameters."""
+    from deepspeed.moe.utils import is_moe_param
+
+    return any(is_moe_param(p) for p in model.parameters())
+
+
+def apply_threads(cfg: JobConfig) -> None:
+    """Pin torch's intra-op threads to the CPUs Ray reserved for this worker."""
+    torch.set_num_threads(cfg.cluster.threads_per_worker)
+
+
+def apply_expert_parallel(model: nn.Module, cfg: JobConfig, world_size: int) -> None:
+    """Check the model's expert-parallel layout against the job and the world.
+
+    The experts were already placed by the builder (``ep_size`` option); the
+    process groups are created by DeepSpeed at initialize. Raises ValueError
+    when the layout cannot run on ``world_size`` workers.
+    """
+    if not cfg.model.hard_routed:
+        return
+    if world_size % cfg.model.ep_size:
+        raise ValueError(f"model.ep_size={cfg.model.ep_size} does not divide world size {world_size}")
+    if cfg.model.ep_size > 1 and not has_moe_params(model):
+        raise ValueError(
+            f"model {cfg.model.name!r} has no deepspeed.moe experts, so ep_size="
+            f"{cfg.model.ep_size} cannot place them"
+        )
+
+
+def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict]:
+    """Optimiser groups: one dense group; expert params split into MoE groups when present."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "dense",
+               "weight_decay": cfg.optim.weight_decay}]
+    if has_moe_params(model):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
+
+
+def build_engine(cfg: JobConfig, world_size: int):
+    """Build model, apply parallelism, then ``deepspeed.initialize``; returns the engine.
+
+    The engine's forward is the model's: ``engine(x: (B, C, H, W), targets: (B,))``
+    returns a ModelOutput.
+    """
+    import deepspeed
+
+    apply_threads(cfg)
+    model = build_model(cfg)
+    apply_expert_parallel(model, cfg, world_size)
+    ds_config = deepspeed_config(cfg, world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
+                                           config=ds_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("engine: %s/%s, %d params on this rank, ZeRO %d, world %d, ep %d", cfg.model.name,
+             cfg.model.size, n_params, cfg.deepspeed.zero_stage, world_size, cfg.model.ep_size)
+    return engine
