@@ -12,7 +12,10 @@ import logging
 import sys
 
 # modules that define register(subparsers); each adds one or more subcommands
-_COMMAND_MODULES: tuple[str, ...] = ("condmoe.cluster.cmd_shards",)
+_COMMAND_MODULES: tuple[str, ...] = (
+    "condmoe.cluster.cmd_demo",
+    "condmoe.cluster.cmd_shards",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
