@@ -129,7 +129,9 @@ def _run_local(experts: nn.ModuleList, x: torch.Tensor, local_index: torch.Tenso
         out = expert(chunk)
         outs.append(out[0] if isinstance(out, tuple) else out)
     y = torch.cat(outs)[_inverse(order)] if outs else x.new_zeros((0, *out_shape))
-    if touch_idle and idle and torch.is_grad_enabled():
+    # With gradients on, the output must always be in the graph (even with no rows): the backward
+    # all-to-all is a collective, and a rank that skipped it would leave the others waiting.
+    if (touch_idle or not y.requires_grad) and idle and torch.is_grad_enabled():
         y = y + zero_touch(idle)
     return y
 

@@ -84,14 +84,16 @@ class TopKMoE(RoutedModule):
     eval_capacity_factor, min_capacity, drop_tokens (False = no-drop: capacity
     grows to the largest expert load), use_rts (random token selection),
     noisy_gate_policy (None | "Jitter" | "RSample"; RSample only with k = 1),
-    use_residual (PR-MoE: a dense residual expert mixed with the MoE output).
+    use_residual (PR-MoE: a dense residual expert mixed with the MoE output),
+    second_expert_sampling (k = 2: pick the second expert with Gumbel noise, DeepSpeed's default).
     ep_size > 1 needs torch.distributed initialised before construction.
     """
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int, *, k: int = 1, ep_size: int = 1,
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  drop_tokens: bool = True, use_rts: bool = True, noisy_gate_policy: str | None = None,
-                 use_residual: bool = False, aux_loss_weight: float = 0.01, stats_over_group: bool = True) -> None:
+                 use_residual: bool = False, second_expert_sampling: bool = True, aux_loss_weight: float = 0.01,
+                 stats_over_group: bool = True) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -119,6 +121,7 @@ class TopKMoE(RoutedModule):
             hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
             eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity, use_residual=use_residual,
             noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens, use_rts=use_rts,
+            top2_2nd_expert_sampling=second_expert_sampling,
         )
         if ep_size > 1:
             self.moe.set_deepspeed_parallelism()

@@ -1,0 +1,121 @@
+"""Worker side of the multi-process expert-parallel tests (imported by spawned children).
+
+Each scenario builds the layer / model at ep_size=2 after deepspeed.init_distributed("gloo"),
+loads the single-process (ep_size=1) reference weights, runs this rank's half of the batch
+and saves outputs, gradients and stats for the parent to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+EXPERT_KEY = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, args: tuple, world_size: int = 2, timeout: float = 180.0) -> None:
+    """Spawn ``fn(rank, world_size, port, *args)`` on ``world_size`` processes; a child's error or a
+    hang past ``timeout`` seconds raises here (children are killed), so a test never hangs."""
+    port = free_port()
+    ctx = mp.start_processes(fn, args=(world_size, port, *args), nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expert-parallel workers did not finish within {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+def init_gloo(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+def localise(state: dict[str, torch.Tensor], rank: int, n_local: int) -> dict[str, torch.Tensor]:
+    """ep_size=1 state dict -> this rank's: keep its experts, renumber global -> local ids."""
+    out = {}
+    for key, value in state.items():
+        m = EXPERT_KEY.search(key)
+        if m is None:
+            out[key] = value
+            continue
+        g = int(m.group(1))
+        if g // n_local == rank:
+            out[key[: m.start(1)] + str(g - rank * n_local) + key[m.end(1):]] = value
+    return out
+
+
+def globalise(name: str, rank: int, n_local: int) -> str:
+    """Local parameter name -> the ep_size=1 name."""
+    m = EXPERT_KEY.search(name)
+    if m is None:
+        return name
+    return name[: m.start(1)] + str(int(m.group(1)) + rank * n_local) + name[m.end(1):]
+
+
+def topk_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
+    init_gloo(rank, world_size, port)
+    from condmoe.routing.models.topk_moe_cnn import conv_expert
+    from condmoe.routing.topk_moe import ImageExpert, TopKMoE
+
+    spec = torch.load(Path(workdir) / "topk_spec.pt")
+    results = {}
+    for case in spec["cases"]:
+        torch.manual_seed(0)
+        shape = spec["shape"]
+        layer = TopKMoE(shape[0] * shape[1] * shape[2], ImageExpert(conv_expert(shape[0]), shape), 4,
+                        ep_size=world_size, **case["kwargs"])
+        layer.load_state_dict(localise(case["state"], rank, layer.num_experts // world_size))
+        b = case["x"].shape[0] // world_size
+        x = case["x"][rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        y, routing = layer(x)
+        (y * case["w"][rank * b : (rank + 1) * b]).sum().backward()
+        n_local = layer.num_experts // world_size
+        grads = {globalise(n, rank, n_local): p.grad.clone() for n, p in layer.named_parameters()
+                 if p.grad is not None}
+        results[case["name"]] = {"y": y.detach(), "x_grad": x.grad, "grads": grads,
+                                 "stats": routing.stats.as_dict(), "capacity": layer.capacity(b)}
+    torch.save(results, Path(workdir) / f"topk_rank{rank}.pt")
+
+
+def coe_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
+    init_gloo(rank, world_size, port)
+    from condmoe.routing import build_model, collect_routing_stats
+
+    spec = torch.load(Path(workdir) / "coe_spec.pt")
+    torch.manual_seed(0)
+    model = build_model("coe_cnn", "tiny", ep_size=world_size, **spec["options"])
+    n_local = model.experts.num_local_experts
+    model.load_state_dict(localise(spec["state"], rank, n_local))
+    b = spec["x"].shape[0] // world_size
+    x, y = spec["x"][rank * b : (rank + 1) * b], spec["y"][rank * b : (rank + 1) * b]
+    results = {}
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        model.zero_grad(set_to_none=True)
+        out = model(x, y)
+        out.loss.backward()
+        grads = {globalise(n, rank, n_local): p.grad.clone() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        results[mode] = {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads,
+                         "stats": collect_routing_stats(model)["root"].as_dict()}
+    torch.save(results, Path(workdir) / f"coe_rank{rank}.pt")
