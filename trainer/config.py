@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 log = logging.getLogger(__name__)
 
-# families whose experts are hard-routed through deepspeed.moe (expert parallelism)
-HARD_ROUTED_MODELS = frozenset({"coe_cnn", "cigt_lenet", "topk_moe_cnn"})
+# families whose experts live in deepspeed.moe layers and take an ep_size option (expert
+# parallelism); cigt_lenet is hard-routed too but keeps every path on every worker
+HARD_ROUTED_MODELS = frozenset({"coe_cnn", "topk_moe_cnn"})
 
 
 class ConfigError(ValueError):

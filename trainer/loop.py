@@ -55,7 +55,7 @@ def streaming_loader(cfg: JobConfig, split: str, batch_size: int, rank: int, wor
     return StreamingLoader(cfg.data.path, split, batch_size, rank=rank, world_size=world_size,
                            num_workers=cfg.data.num_workers, seed=cfg.data.seed,
                            augment=cfg.data.augment and train,
-                           remainder="drop" if train else "carry")
+                           remainder="drop")
 
 
 @dataclass
@@ -102,8 +102,8 @@ def _allreduce_sum(values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(engine, loader: Loader, *, max_batches: int | None = None,
-             macs_batches: int = 2) -> dict[str, float]:
+def evaluate(engine, loader: Loader, *, max_batches: int | None = None, macs_batches: int = 2,
+             start_state: dict | None = None) -> dict[str, float]:
     """Accuracy, multiply-adds per sample (early exits counted) and exit rate over ``loader``.
 
     Every rank runs the same number of batches (the loader guarantees equal
@@ -112,6 +112,8 @@ def evaluate(engine, loader: Loader, *, max_batches: int | None = None,
     module = engine.module
     was_training = module.training
     module.eval()
+    if start_state is not None:
+        loader.load_state_dict(start_state)  # the same samples at every evaluation
     correct = total = exited = 0.0
     macs_sum = macs_n = 0.0
     try:
@@ -178,6 +180,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
     micro = cfg.micro_batch(world)
     train_loader = loader_factory(cfg, cfg.data.train_split, micro, rank, world, True)
     eval_loader = loader_factory(cfg, cfg.data.eval_split, cfg.data.eval_batch_size, rank, world, False)
+    eval_start = eval_loader.state_dict()
     ckpts = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
                               portable=cfg.checkpoint.portable)
     result = TrainResult(step=0)
@@ -261,7 +264,8 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         interval = {}
         metrics["routing"] = {n: s.as_dict() for n, s in routing.items()}
         if do_eval:
-            metrics.update(evaluate(engine, eval_loader, max_batches=cfg.metrics.eval_batches))
+            metrics.update(evaluate(engine, eval_loader, max_batches=cfg.metrics.eval_batches,
+                                    start_state=eval_start))
             result.eval = {k: v for k, v in metrics.items() if k.startswith("eval_")}
             if rank == 0:
                 log.info("step %d: loss %.4f, accuracy %.4f at %.3fM MAdds/sample (exit rate %.3f)",
