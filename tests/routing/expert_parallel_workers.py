@@ -119,3 +119,35 @@ def coe_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
         results[mode] = {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads,
                          "stats": collect_routing_stats(model)["root"].as_dict()}
     torch.save(results, Path(workdir) / f"coe_rank{rank}.pt")
+
+
+def engine_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
+    """Train topk_moe_cnn and coe_cnn (ep_size=2) for a few steps with a DeepSpeed engine, ZeRO stage 2."""
+    init_gloo(rank, world_size, port)
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from condmoe.routing import build_model
+
+    results = {}
+    for name, opts in (("topk_moe_cnn", dict(k=2)), ("coe_cnn", dict(dropout=0.0))):
+        torch.manual_seed(0)
+        model = build_model(name, "tiny", experts=4, ep_size=world_size, **opts)
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": [p for p in model.parameters() if p.requires_grad], "name": "params"})
+        opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+        config = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+                  "steps_per_print": 10**6}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        g = torch.Generator().manual_seed(100 + rank)
+        x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+        losses = []
+        for _ in range(4):
+            out = engine(x, y)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(float(out.loss))
+        params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        results[name] = {"losses": losses, "params": params}
+    torch.save(results, Path(workdir) / f"engine_rank{rank}.pt")

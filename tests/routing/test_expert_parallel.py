@@ -129,3 +129,24 @@ def test_coe_ep2_matches_ep1(tmp_path):
         for r in ranks:
             assert r[mode]["stats"]["load"] == stats.load.tolist()
             assert r[mode]["stats"]["samples"] == x.shape[0]
+
+
+def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
+    """DeepSpeed recognises our expert params: shared params stay in sync across ranks, experts differ."""
+    from expert_parallel_workers import engine_worker
+
+    run_ranks(engine_worker, (str(tmp_path),), WORLD, timeout=240)
+    ranks = [torch.load(tmp_path / f"engine_rank{r}.pt") for r in range(WORLD)]
+    for name in ("topk_moe_cnn", "coe_cnn"):
+        for r in ranks:
+            losses = r[name]["losses"]
+            assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], (name, losses)
+        p0, p1 = ranks[0][name]["params"], ranks[1][name]["params"]
+        assert p0.keys() == p1.keys()
+        shared = [n for n in p0 if "deepspeed_experts" not in n]
+        experts = [n for n in p0 if "deepspeed_experts" in n]
+        assert shared and experts
+        for n in shared:  # data-parallel all-reduce kept them identical
+            assert torch.allclose(p0[n], p1[n], atol=1e-6), (name, n)
+        # each rank holds different experts (global 0,1 vs 2,3) trained on different samples
+        assert any(not torch.allclose(p0[n], p1[n]) for n in experts), name
