@@ -15,6 +15,7 @@ import sys
 _COMMAND_MODULES: tuple[str, ...] = (
     "condmoe.cluster.cmd_demo",
     "condmoe.cluster.cmd_shards",
+    "condmoe.cluster.cmd_train",
 )
 
 

@@ -1,0 +1,78 @@
+"""``condmoe train JOB.yaml`` and ``condmoe eval CHECKPOINT``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a job on Ray (embedded local Ray without --address)")
+    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job field, e.g. --set optim.steps=200 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_OR_CKPT", help="checkpoint dir, checkpoint root or run dir")
+    p.add_argument("--address", help="Ray cluster address (HOST:PORT or ray://HOST:10001)")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    p.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="accuracy and multiply-adds per sample of a checkpoint")
+    e.add_argument("checkpoint", help="checkpoint dir, checkpoint root or run dir")
+    e.add_argument("--data", help="shard directory (default: the checkpoint job's data.path)")
+    e.add_argument("--split", help="split to evaluate (default: the job's eval_split)")
+    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(func=_eval)
+
+
+def _fail(command: str, msg: str, code: int = 2) -> int:
+    print(f"condmoe {command}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .launch import load_and_launch
+
+    try:
+        res = load_and_launch(args.job, args.overrides, resume=args.resume, address=args.address)
+    except ConnectionError as exc:
+        return _fail("train", str(exc))
+    except RuntimeError as exc:  # ray.train's TrainingFailedError and friends
+        return _fail("train", f"training failed: {str(exc).splitlines()[0] if str(exc) else exc!r}", 1)
+    m = res.metrics
+    if args.json:
+        print(json.dumps({"metrics": m, "checkpoint": str(res.checkpoint), "run_dir": str(res.run_dir)},
+                         default=str))
+        return 0
+    print(f"run:        {res.run_dir}")
+    print(f"step:       {m.get('step')}  loss {m.get('loss', float('nan')):.4f}")
+    if "eval_accuracy" in m:
+        print(f"accuracy:   {m['eval_accuracy']:.4f} on {int(m['eval_samples'])} samples")
+        print(f"MAdds:      {m['eval_macs_per_sample'] / 1e6:.3f}M per sample "
+              f"(early-exit rate {m['eval_exit_rate']:.3f})")
+    print(f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from condmoe.trainer.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, data_path=args.data, split=args.split,
+                              max_batches=args.max_batches)
+    if args.json:
+        print(json.dumps(res, default=str))
+        return 0
+    print(f"checkpoint: {res['checkpoint']} (step {res['step']}, {res['model']})")
+    print(f"accuracy:   {res['eval_accuracy']:.4f} on {int(res['eval_samples'])} samples")
+    print(f"MAdds:      {res['eval_macs_per_sample'] / 1e6:.3f}M per sample "
+          f"(early-exit rate {res['eval_exit_rate']:.3f})")
+    for name, st in res["routing"].items():
+        load = st["load"]
+        total = sum(load) or 1.0
+        shares = " ".join(f"{x / total:5.1%}" for x in load)
+        print(f"experts {name}: {shares}  entropy {st['entropy']:.3f} dropped {st['dropped']}")
+    return 0

@@ -1,0 +1,173 @@
+"""Run a job on Ray: JobConfig -> ray.train.torch.TorchTrainer.
+
+ScalingConfig (workers, CPUs/GPUs each), RunConfig(storage_path, name) and
+FailureConfig(max_failures) come from the job's cluster section. With no
+address an embedded local Ray is started (the laptop case). Each worker runs
+condmoe.trainer.loop.train; its ``report`` hands metrics and the path of the
+checkpoint it just wrote (already inside the run directory, so nothing is
+copied) to Ray Train. After a worker failure Ray restarts the group and the
+workers resume from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from condmoe.trainer.checkpoint import resolve_checkpoint
+from condmoe.trainer.config import ConfigError, JobConfig, job_from_dict
+
+log = logging.getLogger(__name__)
+
+# env every worker needs (DeepSpeed must pick its CPU accelerator before it is imported)
+_WORKER_ENV = {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+@dataclass
+class LaunchResult:
+    """What a finished ``condmoe train`` returns."""
+
+    metrics: dict[str, Any]
+    checkpoint: Path | None
+    run_dir: Path
+    error: str | None = None
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """Raise ConnectionError naming ``address`` unless a TCP connection to it succeeds."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise ValueError(f"Ray address {address!r} must be HOST:PORT (or ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"Ray address {address!r} is unreachable: {exc.strerror or exc}") from None
+
+
+def check_data(cfg: JobConfig) -> None:
+    """Raise FileNotFoundError when the job's local shard directory is missing."""
+    path = cfg.data.path
+    if "://" in path or "{" in path or path.startswith("pipe:"):
+        return
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"data.path {path!r} does not exist (write shards first: condmoe shards write fashion_mnist {path})")
+    if p.is_dir() and not (p / "manifest.parquet").is_file():
+        raise FileNotFoundError(f"data.path {path!r} holds no manifest.parquet (not a shard directory)")
+
+
+def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None = None) -> str | None:
+    """Validate everything a launch needs before starting anything; returns the resolved resume path."""
+    cfg.check_topology(cfg.cluster.workers)
+    check_data(cfg)
+    if address:
+        check_address(address)
+    resolved = str(resolve_checkpoint(resume)) if resume else None
+    return resolved
+
+
+def _flatten(metrics: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker entry: run the one train loop, reporting to Ray Train."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.v2.api.report_config import CheckpointUploadMode
+
+    from condmoe.trainer.loop import train
+
+    cfg = job_from_dict(config["job"], source="<job>")
+    ray_ckpt = ray.train.get_checkpoint()
+    resume = config.get("resume")
+    if ray_ckpt is not None:
+        resume = ray_ckpt.path  # after a restart; the run's own newest checkpoint still wins
+
+    def report(metrics: dict, path: Path | None) -> None:
+        flat = {k: v for k, v in _flatten(metrics).items() if not isinstance(v, list)}
+        ckpt = None
+        if path is not None and Path(path).is_relative_to(cfg.run_dir):
+            ckpt = Checkpoint(str(path))
+        ray.train.report(flat, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    train(cfg, report=report, resume=resume)
+
+
+def _init_ray(cfg: JobConfig, address: str | None) -> bool:
+    """Connect to ``address`` or start an embedded local Ray; returns True if we started it."""
+    import ray
+
+    env = {"env_vars": dict(_WORKER_ENV)}
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return True
+    need = max(2, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1))
+    ray.init(num_cpus=need, include_dashboard=False, runtime_env=env, log_to_driver=True,
+             configure_logging=False)
+    return True
+
+
+def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = None) -> LaunchResult:
+    """Train ``cfg`` on Ray (embedded when no address); blocks until the run ends."""
+    address = address or cfg.cluster.address
+    resume = preflight(cfg, resume=resume, address=address)
+    os.environ.update(_WORKER_ENV)
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = _init_ray(cfg, address)
+    try:
+        cl = cfg.cluster
+        resources = {"CPU": cl.cpus_per_worker}
+        if cl.use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"job": cfg.model_dump(mode="json"), "resume": resume},
+            torch_config=TorchConfig(backend="nccl" if cl.use_gpu else "gloo",
+                                     timeout_s=int(cl.timeout_s)),
+            scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=cl.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=cfg.run_name, storage_path=cl.storage_path,
+                                 failure_config=FailureConfig(max_failures=cl.max_failures)),
+        )
+        result = trainer.fit()
+        ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
+        err = repr(result.error) if getattr(result, "error", None) else None
+        return LaunchResult(metrics=dict(result.metrics or {}), checkpoint=ckpt,
+                            run_dir=cfg.run_dir, error=err)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def load_and_launch(path: str, overrides: list[str] | None = None, *, resume: str | None = None,
+                    address: str | None = None) -> LaunchResult:
+    """``condmoe train``: load + validate the job file, then :func:`launch`."""
+    from condmoe.trainer.config import load_job
+
+    cfg = load_job(path, overrides)
+    if not cfg.run_name:
+        raise ConfigError(f"{path}: cluster.name is empty")
+    return launch(cfg, resume=resume, address=address)
