@@ -205,7 +205,13 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         (cfg.run_dir / "keys").mkdir(parents=True, exist_ok=True)
         keys_file = open(cfg.run_dir / "keys" / f"rank{rank}.jsonl", "a")
 
+    metrics_file = cfg.run_dir / "metrics.jsonl"
+
     def _report(metrics: dict, path: Path | None = None) -> None:
+        if rank == 0:  # the run's own history, also without Ray
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({**metrics, "checkpoint": str(path) if path else None}) + "\n")
         if report is not None:
             report(metrics, path if rank == 0 else None)
 

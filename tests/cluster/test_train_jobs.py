@@ -1,0 +1,42 @@
+"""Every configs/ job trains a few steps with 2 workers on embedded Ray on a Fashion-MNIST slice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from condmoe.cluster.launch import launch
+from condmoe.trainer.checkpoint import list_checkpoints, read_meta
+from condmoe.trainer.config import load_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+JOBS = ["condconv", "basisnet", "coe", "cigt", "topk_moe"]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_config_job_trains_with_two_workers(job, fmnist_shards, ray_local, tmp_path):
+    steps = 12
+    cfg = load_job(CONFIGS / f"{job}.yaml", [
+        f"data.path={fmnist_shards}", "model.size=tiny", f"optim.steps={steps}", "optim.lr=0.005",
+        "optim.warmup_steps=0", "optim.schedule=constant", "data.batch_size=32",
+        "data.eval_batch_size=128", "checkpoint.every=6", "metrics.log_every=1",
+        "metrics.eval_batches=1", f"cluster.storage_path={tmp_path}", "cluster.workers=2"])
+    res = launch(cfg)
+    assert res.error is None
+    assert res.metrics["step"] == steps
+    assert 0.0 <= res.metrics["eval_accuracy"] <= 1.0 and res.metrics["eval_macs_per_sample"] > 0
+    history = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history]
+    assert len(losses) == steps
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first, f"{job}: loss did not fall: {losses}"
+    ckpts = list_checkpoints(cfg.checkpoint_dir)
+    assert [read_meta(c)["step"] for c in ckpts] == [6, 12]
+    assert res.checkpoint == ckpts[-1]
+    meta = read_meta(ckpts[-1])
+    assert meta["world_size"] == 2 and meta["data"]["loader"]["position"] > 0
+    assert meta["routing"], "routing-stat totals missing from the checkpoint"
