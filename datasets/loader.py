@@ -27,9 +27,11 @@ class StreamingLoader:
         seed: the epoch order is a function of (seed, epoch) only.
         augment: random translations (and h-flips where the manifest allows them).
         remainder: ``drop`` the samples that cannot fill a whole global batch at the end of an
-            epoch, or ``carry`` them to the front of the next epoch.
+            epoch, ``carry`` them to the front of the next epoch, or ``pad`` the last global
+            batch (``Batch.valid`` False on the padding): every sample read once, for evaluation.
         shuffle: shuffle shard order and samples within shards (off: manifest order).
         mean, std: per-channel normalisation (default: the manifest's train statistics, else 0.5).
+        mp_context: multiprocessing start method of the loader workers (default: torch's).
 
     Iterating yields :class:`Batch` es: ``images`` float32 (B, C, H, W), ``labels`` int64 (B,),
     ``keys``. ``len(loader)`` is the number of batches of the current epoch, the same on every
@@ -40,7 +42,7 @@ class StreamingLoader:
     def __init__(self, source: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, augment: bool = False, remainder: str = "drop",
                  shuffle: bool = True, mean: list[float] | None = None, std: list[float] | None = None,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, mp_context: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -54,7 +56,7 @@ class StreamingLoader:
         self.source, self.split = str(source), split
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.seed, self.augment, self.remainder, self.shuffle = seed, augment, remainder, shuffle
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.mp_context = prefetch_factor, mp_context
         self.shards, self.meta = resolve_shards(source, split)
         self.num_samples = sum(s.samples for s in self.shards)
         if self.num_samples < self.global_batch:
@@ -79,12 +81,12 @@ class StreamingLoader:
 
     def __len__(self) -> int:
         """Batches per rank in the current epoch (equal on every rank)."""
-        return steps_in(self.epoch_length, 0, self.global_batch)
+        return steps_in(self.epoch_length, 0, self.global_batch, self.remainder == "pad")
 
     @property
     def batches_remaining(self) -> int:
         """Batches per rank still to come in the current epoch (after a resume, fewer than len())."""
-        return steps_in(self.epoch_length, self.position, self.global_batch)
+        return steps_in(self.epoch_length, self.position, self.global_batch, self.remainder == "pad")
 
     def set_epoch(self, epoch: int) -> None:
         """Move to ``epoch`` from its start; a no-op when already in ``epoch`` (keeps a resumed position)."""
@@ -122,6 +124,7 @@ class StreamingLoader:
         return _EpochStream(self.shards, seed=self.seed, epoch=self.epoch, carry=self.carry, position=self.position,
                             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
                             shuffle=self.shuffle, augment=self.augment, hflip=bool(m.get("hflip", False)),
+                            pad=self.remainder == "pad",
                             channels=int(m["channels"]), height=int(m["height"]), width=int(m["width"]),
                             mean=self.mean, std=self.std)
 
@@ -139,10 +142,11 @@ class StreamingLoader:
             batches = iter(stream)
         else:
             batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                      prefetch_factor=self.prefetch_factor, persistent_workers=False))
+                                      prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                      multiprocessing_context=self.mp_context))
         done = 0
         for batch in batches:
-            self.position += self.global_batch
+            self.position = min(self.position + self.global_batch, self.epoch_length)
             for reason, n in batch.bad.items():
                 self.bad_samples[reason] = self.bad_samples.get(reason, 0) + n
             done += 1

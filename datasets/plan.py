@@ -53,9 +53,10 @@ def epoch_sequence(counts: Sequence[int], seed: int, epoch: int, carry: int = 0,
     return shards, index
 
 
-def steps_in(length: int, position: int, global_batch: int) -> int:
-    """Full global batches left in a sequence of ``length`` from ``position``."""
-    return max(0, (length - position) // global_batch)
+def steps_in(length: int, position: int, global_batch: int, pad: bool = False) -> int:
+    """Global batches left in a sequence of ``length`` from ``position``: full ones, or all when ``pad``."""
+    left = max(0, length - position)
+    return -(-left // global_batch) if pad else left // global_batch
 
 
 def carry_for_epoch(total: int, epoch: int, global_batch: int) -> int:

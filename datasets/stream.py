@@ -32,22 +32,33 @@ from .shardio import BadSample, ShardRead, decode_sample, is_local, probe_shard,
 
 log = logging.getLogger(__name__)
 
-REMAINDER_MODES = ("drop", "carry")
+REMAINDER_MODES = ("drop", "carry", "pad")
 STATE_VERSION = 1
 
 
 @dataclass
 class Batch:
-    """One per-rank batch. images: float32 (B, C, H, W) normalised; labels: int64 (B,); keys: B unique keys."""
+    """One per-rank batch. images: float32 (B, C, H, W) normalised; labels: int64 (B,); keys: B unique keys.
+
+    ``valid`` bool (B,): False only for the padding of ``remainder="pad"`` (zero images,
+    label 0, keys ``#padN``), which exact evaluation leaves out. Top-ups for bad samples
+    are copies of real samples (keys ``KEY#fillN``) and count as valid.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
+    valid: torch.Tensor | None = None
     step: int = 0  # step index counted from where this pass over the epoch started
     bad: dict[str, int] = field(default_factory=dict)  # bad samples met while building this batch
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The same batch with its tensors on ``device``."""
+        return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device, non_blocking=non_blocking),
+                     self.keys, None if self.valid is None else self.valid.to(device), self.step, self.bad)
 
 
 @dataclass(frozen=True)
@@ -105,16 +116,16 @@ class _EpochStream(IterableDataset):
     """The batches of one rank for one epoch from one start position (a picklable snapshot)."""
 
     def __init__(self, shards: list[ShardRef], *, seed: int, epoch: int, carry: int, position: int, rank: int,
-                 world_size: int, batch_size: int, shuffle: bool, augment: bool, hflip: bool,
+                 world_size: int, batch_size: int, shuffle: bool, augment: bool, hflip: bool, pad: bool,
                  channels: int, height: int, width: int, mean: list[float], std: list[float]) -> None:
         self.shards, self.seed, self.epoch, self.carry, self.position = shards, seed, epoch, carry, position
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.shuffle, self.augment, self.hflip = shuffle, augment, hflip
+        self.shuffle, self.augment, self.hflip, self.pad = shuffle, augment, hflip, pad
         self.channels, self.height, self.width = channels, height, width
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        n = sum(s.samples for s in shards)
-        self.steps = steps_in(carry + n, position, world_size * batch_size)
+        self.length = carry + sum(s.samples for s in shards)
+        self.steps = steps_in(self.length, position, world_size * batch_size, pad)
 
     def __iter__(self):
         info = get_worker_info()
@@ -122,6 +133,7 @@ class _EpochStream(IterableDataset):
         seq_s, seq_i = epoch_sequence([s.samples for s in self.shards], self.seed, self.epoch, self.carry, self.shuffle)
         my_steps = range(wid, self.steps, nw)
         pos = {t: rank_positions(self.position, t, self.rank, self.world_size, self.batch_size) for t in my_steps}
+        pos = {t: p[p < self.length] for t, p in pos.items()}  # beyond the end: padding (remainder="pad")
         need: dict[int, set[int]] = {}
         for t in my_steps:
             for p in pos[t]:
@@ -161,26 +173,28 @@ class _EpochStream(IterableDataset):
                     good.append(item)
             if good:
                 last_good = good[-1]
-            elif last_good is None:  # nothing good yet in this worker: look ahead in its own plan
+            elif last_good is None and bad:  # nothing good yet in this worker: look ahead in its own plan
                 last_good = next((it for _, s2, i2 in flat if (it := get(s2, i2)[0]) is not None), None)
                 if last_good is None:
                     raise RuntimeError(f"epoch {self.epoch} rank {self.rank} worker {wid}: no readable sample in any of its shards")
             fill = list(good) or [last_good]
-            j = 0
-            while len(good) < self.batch_size:  # top up with copies so every rank keeps its step count
+            for j in range(len(pos[t]) - len(good)):  # top up with copies so every rank keeps its step count
                 key, img, label = fill[j % len(fill)]
                 good.append((f"{key}#fill{len(good)}", img, label))
-                j += 1
-            yield self._collate(good, t, dict(bad))
+            n_real = len(good)
+            blank = np.zeros((self.height, self.width, self.channels), np.uint8)
+            good += [(f"#pad{j}", blank, 0) for j in range(len(good), self.batch_size)]
+            yield self._collate(good, t, dict(bad), n_real)
 
-    def _collate(self, items: list[tuple[str, np.ndarray, int]], step: int, bad: dict[str, int]) -> Batch:
+    def _collate(self, items: list[tuple[str, np.ndarray, int]], step: int, bad: dict[str, int], n_real: int) -> Batch:
         imgs = np.stack([it[1] for it in items])  # (B, H, W, C) uint8
         if self.augment:
             imgs = self._augment(imgs, step)
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
         x = (x - self.mean) / self.std
         labels = torch.tensor([it[2] for it in items], dtype=torch.int64)
-        return Batch(x.contiguous(), labels, [it[0] for it in items], step, bad)
+        valid = torch.arange(len(items)) < n_real
+        return Batch(x.contiguous(), labels, [it[0] for it in items], valid, step, bad)
 
     def _augment(self, imgs: np.ndarray, step: int) -> np.ndarray:
         """Random translation by up to H/8 (zero padding) and, when labels allow, horizontal flips.

@@ -72,7 +72,7 @@ def test_iterating_on_moves_to_the_next_epoch_and_carry_keeps_the_remainder(digi
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 2, "world_size": 2}, "rank must be in"),
-    ({"remainder": "pad"}, "remainder must be one of"),
+    ({"remainder": "wrap"}, "remainder must be one of"),
     ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
 ])
 def test_bad_loader_arguments_name_the_value(digits_dir, kwargs, match):
@@ -80,7 +80,29 @@ def test_bad_loader_arguments_name_the_value(digits_dir, kwargs, match):
         StreamingLoader(digits_dir, "train", 8, **kwargs)
 
 
-def test_too_large_batch_and_unknown_split_are_errors(digits_dir):
+@pytest.mark.parametrize("world_size, num_workers", [(2, 0), (3, 2)])
+def test_pad_reads_every_sample_once_with_equal_steps(digits_dir, world_size, num_workers):
+    valid_keys, pads, steps = [], 0, set()
+    for r in range(world_size):
+        ld = StreamingLoader(digits_dir, "val", 16, rank=r, world_size=world_size, num_workers=num_workers,
+                             remainder="pad", shuffle=False)
+        n = 0
+        for batch in ld:
+            batch = batch.to("cpu")
+            assert batch.valid.tolist() == ["#pad" not in k for k in batch.keys]
+            assert (batch.labels[~batch.valid] == 0).all()
+            valid_keys += [k for k, v in zip(batch.keys, batch.valid.tolist()) if v]
+            pads += int((~batch.valid).sum())
+            n += 1
+        assert n == len(ld) == -(-180 // (16 * world_size))
+        steps.add(n)
+    assert len(steps) == 1 and pads == steps.pop() * 16 * world_size - 180
+    assert len(valid_keys) == len(set(valid_keys)) == 180
+
+
+def test_too_large_batch_and_unknown_split_are_errors(digits_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.parquet"):
+        StreamingLoader(tmp_path, "train", 8)  # a folder without a manifest is never taken for a shard set
     with pytest.raises(ValueError, match="fewer than one global batch"):
         StreamingLoader(digits_dir, "val", 100, world_size=2)
     with pytest.raises(ValueError, match="split 'dev' has no shards"):
