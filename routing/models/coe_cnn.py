@@ -13,13 +13,13 @@ from torch import nn
 from ..coe import CoE, CoEConfig, Delegator, make_norm
 from .registry import register_model
 
-# expert conv channels (stride 1, 2, 2); delegator channels (all stride 2)
+# expert conv channels (strides 2, 2, 1); delegator channels (all stride 2)
 EXPERT_CHANNELS = {"tiny": (16, 32, 64), "small": (32, 64, 128), "base": (48, 96, 192)}
-DELEGATOR_CHANNELS = {"tiny": (8, 16), "small": (8, 16), "base": (16, 32)}
+DELEGATOR_CHANNELS = {"tiny": (16, 32), "small": (16, 32), "base": (16, 32, 64)}
 
 
 class ExpertCNN(nn.Module):
-    """(B, C, H, W) -> (B, num_classes): three 3x3 conv / norm / ReLU stages (strides 1, 2, 2), GAP, FC."""
+    """(B, C, H, W) -> (B, num_classes): 3x3 conv / norm / ReLU stages (strides 2, 2, then 1), GAP, FC."""
 
     def __init__(self, channels: tuple[int, ...], *, in_channels: int, num_classes: int, dropout: float = 0.1,
                  norm: str = "batch") -> None:
@@ -27,7 +27,7 @@ class ExpertCNN(nn.Module):
         layers: list[nn.Module] = []
         ch = in_channels
         for i, out_ch in enumerate(channels):
-            layers += [nn.Conv2d(ch, out_ch, 3, 1 if i == 0 else 2, 1, bias=False), make_norm(norm, out_ch),
+            layers += [nn.Conv2d(ch, out_ch, 3, 2 if i < 2 else 1, 1, bias=False), make_norm(norm, out_ch),
                        nn.ReLU(inplace=True)]
             ch = out_ch
         self.body = nn.Sequential(*layers)
