@@ -40,6 +40,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/routing.py
+	$(PY) benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
