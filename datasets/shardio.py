@@ -1,8 +1,8 @@
 """Reading WebDataset tar shards sample by sample, and decoding one sample.
 
 A shard is read as a tar *stream* (gzip-compressed or not), so it may be a local
-path or anything ``webdataset.gopen`` opens (``pipe:cmd``, ``file:``, http(s), cloud
-URLs). Members are grouped into samples by key the WebDataset way (the basename up to
+path, anything ``webdataset.gopen`` opens (``pipe:cmd``, ``file:``, http(s), gs) or an
+fsspec URL (s3://, gcs://, memory://, ...). Members are grouped into samples by key the WebDataset way (the basename up to
 its first dot), and sample ``j`` of a shard is the ``j``-th group.
 
 Failures are reported by reason instead of raised: ``missing_shard`` (cannot be
@@ -47,14 +47,20 @@ def is_local(url: str) -> bool:
 
 
 def open_url(url: str) -> BinaryIO:
-    """Open a shard for reading: local paths with ``open``, anything else with webdataset's gopen."""
-    if urlparse(url).scheme == "file":
+    """Open a shard for reading: local paths with ``open``; ``pipe:``, http(s), gs, hf, ... with
+    webdataset's gopen; any other scheme (s3, gcs, az, memory, ...) with fsspec."""
+    scheme = urlparse(url).scheme
+    if scheme == "file":
         return open(urlparse(url).path, "rb")
     if is_local(url):
         return open(url, "rb")
-    from webdataset.gopen import gopen
+    from webdataset.gopen import gopen, gopen_schemes
 
-    return gopen(url, "rb")
+    if scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
 
 
 def shard_name(url: str) -> str:

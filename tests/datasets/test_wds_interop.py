@@ -53,3 +53,21 @@ def test_pipe_and_brace_urls(digits_dir):
     local = StreamingLoader(f"{digits_dir}/train-{{000000..000012}}.tar", "train", 50, seed=4)
     assert local.mean == read_manifest(digits_dir).meta["mean"]  # a manifest beside local shards is used
     assert read_epoch(local) == read_epoch(StreamingLoader(digits_dir, "train", 50, seed=4))
+
+
+def test_fsspec_and_file_urls(digits_dir):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    names = [r.shard for r in read_manifest(digits_dir).split("val")]
+    for n in names:
+        fs.pipe(f"/condmoe-test/{n}", (digits_dir / n).read_bytes())
+    try:
+        remote = StreamingLoader("memory://condmoe-test/val-{000000..000001}.tar", "val", 36, seed=4)
+        assert [s.samples for s in remote.shards] == [100, 80]
+        expected = read_epoch(StreamingLoader(digits_dir, "val", 36, seed=4))
+        assert read_epoch(remote) == expected
+        as_file_url = StreamingLoader(f"file://{digits_dir}/val-{{000000..000001}}.tar", "val", 36, seed=4)
+        assert read_epoch(as_file_url) == expected
+    finally:
+        fs.rm("/condmoe-test", recursive=True)
