@@ -211,27 +211,31 @@ def read_shard(url: str, wanted: set[int] | None = None) -> ShardRead:
             out.count += 1
 
     try:
-        with stream:
-            for name, data in iter_tar(_maybe_gunzip(stream), keep):
-                members += 1
-                m = _KEY_RE.match(name)
-                if m is None or "/__" in "/" + name:
-                    continue
-                k, ext = m.group(1), m.group(2).lower()
-                if k != key:
-                    flush()
-                    if last is not None and out.count > last:
-                        return out
-                    key, parts = k, {}
-                if data is not None:
-                    parts[ext] = data
-            flush()
-            key = None
+        for name, data in iter_tar(_maybe_gunzip(stream), keep):
+            members += 1
+            m = _KEY_RE.match(name)
+            if m is None or "/__" in "/" + name:
+                continue
+            k, ext = m.group(1), m.group(2).lower()
+            if k != key:
+                flush()
+                if last is not None and out.count > last:
+                    key = None
+                    break  # everything wanted is in hand
+                key, parts = k, {}
+            if data is not None:
+                parts[ext] = data
+        flush()
     except (TarFormatError, EOFError, OSError, ValueError) as exc:
         # a shard that broke after some members: the samples before the break are good;
         # the group in progress may be incomplete, so it is dropped
         out.error = "truncated_tar" if members else "unreadable_tar"
         out.message = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            stream.close()
+        except Exception as exc:  # e.g. a pipe: command killed by SIGPIPE after an early stop
+            log.debug("closing %s: %s", url, exc)
     return out
 
 

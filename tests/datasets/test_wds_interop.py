@@ -50,6 +50,12 @@ def test_pipe_and_brace_urls(digits_dir):
     assert [s.samples for s in by_pipe.shards] == [100, 80]
     # same shard list and seed: same order; the pipe set has no manifest, so it normalises with 0.5/0.5
     assert read_epoch(by_pipe) == read_epoch(by_dir)
+    # two ranks each stop reading a shard early (their last wanted sample): closing the pipe is no error
+    by_rank = [StreamingLoader(f"pipe:cat {digits_dir}/train-{{000000..000012}}.tar", "train", 50, rank=r,
+                               world_size=2, seed=4) for r in (0, 1)]
+    keys = [k for ld in by_rank for k in read_epoch(ld)]
+    assert len(set(keys)) == len(keys) == 1258 // 100 * 100 and not any("#fill" in k for k in keys)
+    assert all(not ld.bad_samples for ld in by_rank)
     local = StreamingLoader(f"{digits_dir}/train-{{000000..000012}}.tar", "train", 50, seed=4)
     assert local.mean == read_manifest(digits_dir).meta["mean"]  # a manifest beside local shards is used
     assert read_epoch(local) == read_epoch(StreamingLoader(digits_dir, "train", 50, seed=4))
