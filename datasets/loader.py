@@ -71,6 +71,16 @@ class StreamingLoader:
         self.bad_samples: dict[str, int] = {}
 
     @property
+    def classes(self) -> list[str] | None:
+        """Class names from the manifest (None for shard URLs without one)."""
+        return self.meta.get("classes")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images this loader yields."""
+        return int(self.meta["channels"]), int(self.meta["height"]), int(self.meta["width"])
+
+    @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
 

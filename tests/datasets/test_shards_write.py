@@ -43,6 +43,8 @@ def test_fashion_mnist_slice_round_trips(fmnist_dir):
         np.testing.assert_array_equal(img[:, :, 0], x[int(idx)], err_msg=key)
     man = read_manifest(fmnist_dir)
     assert man.meta["classes"][9] == "ankle-boot" and man.meta["channels"] == 1
+    loader = StreamingLoader(fmnist_dir, "test", 100)
+    assert loader.image_shape == (1, 28, 28) and loader.classes == man.meta["classes"]
     assert 0.2 < man.meta["mean"][0] < 0.4 and 0.25 < man.meta["std"][0] < 0.45
 
 
