@@ -89,6 +89,8 @@ def resolve_shards(source: str | Path, split: str) -> tuple[list[ShardRef], dict
         man = read_manifest(folder)
         rows = man.split(split)
         return [ShardRef(str(folder / r.shard), r.shard, r.samples) for r in rows], dict(man.meta)
+    if is_local(src) and not any(c in src for c in "{:") and not p.exists():
+        raise FileNotFoundError(f"shard source {src} does not exist")
     urls = _expand(src)
     if not urls:
         raise ValueError(f"shard pattern {src!r} expands to nothing")

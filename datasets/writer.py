@@ -126,6 +126,20 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(tmp, out)
 
 
+def _remove_stale_partials(out: Path) -> None:
+    """Delete ``.NAME.partial-PID`` folders left by writers that were killed (their PID is gone)."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                log.info("removing %s left by a killed writer", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except PermissionError:  # alive, another user's
+                pass
+
+
 def write_shards(
     source: str, out_dir: str | Path, *, samples_per_shard: int, val_fraction: float = 0.1,
     test_fraction: float = 0.2, seed: int = 0, limit: int | None = None, image_size: int | None = None,
@@ -149,6 +163,7 @@ def write_shards(
                       limit=limit, image_size=image_size, channels=channels)
     total = sum(s.n for s in src.splits.values())
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

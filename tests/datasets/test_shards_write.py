@@ -140,6 +140,18 @@ def test_failed_write_leaves_nothing_and_existing_output_is_kept(tmp_path):
     write_shards("digits", done, samples_per_shard=50, limit=200, overwrite=True)
     assert max(r.samples for r in read_manifest(done).shards) == 50 and verify_shards(done).ok
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "imgs"]
+    # a writer killed mid-way leaves a partial folder: never read as a set, cleaned by the next write
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".e.partial-{dead.stdout.strip()}"
+    stale.mkdir()
+    (stale / "train-000000.tar").write_bytes(b"half")
+    with pytest.raises(FileNotFoundError):
+        StreamingLoader(tmp_path / "e", "train", 4)
+    write_shards("digits", tmp_path / "e", samples_per_shard=100, limit=50)
+    assert not stale.exists() and verify_shards(tmp_path / "e").ok
 
 
 @pytest.mark.parametrize("kwargs, match", [
