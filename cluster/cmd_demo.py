@@ -64,7 +64,10 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int
                 totals = accumulate_stats(totals, collect_routing_stats(model))
                 step += 1
                 if step % 10 == 0 or step == steps:
-                    status.update(f"training {label}: step {step}/{steps}, loss {out.loss.item():.3f}")
+                    msg = f"training {label}: step {step}/{steps}, loss {out.loss.item():.3f}"
+                    status.update(msg)
+                    if not console.is_terminal and (step % 50 == 0 or step == steps):
+                        console.print(msg)  # a log gets progress lines instead of a spinner
     return {"stats": totals, "seconds": time.perf_counter() - start, "steps": steps}
 
 
