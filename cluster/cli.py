@@ -16,6 +16,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "condmoe.cluster.cmd_demo",
     "condmoe.cluster.cmd_shards",
     "condmoe.cluster.cmd_train",
+    "condmoe.cluster.cmd_jobs",
 )
 
 

@@ -121,15 +121,17 @@ def _init_ray(cfg: JobConfig, address: str | None) -> bool:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return True
+    # address="local": always a fresh embedded instance, never a cluster that happens to run here
     need = max(2, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1))
-    ray.init(num_cpus=need, include_dashboard=False, runtime_env=env, log_to_driver=True,
+    ray.init(address="local", num_cpus=need, include_dashboard=False, runtime_env=env, log_to_driver=True,
              configure_logging=False)
     return True
 
 
 def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = None) -> LaunchResult:
     """Train ``cfg`` on Ray (embedded when no address); blocks until the run ends."""
-    address = address or cfg.cluster.address
+    # inside a Ray job (condmoe submit) RAY_ADDRESS names the cluster
+    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     resume = preflight(cfg, resume=resume, address=address)
     os.environ.update(_WORKER_ENV)
     import ray

@@ -1,0 +1,124 @@
+"""``condmoe submit|status|logs|stop|list``: jobs on a running Ray cluster (Ray Jobs API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="dashboard URL, e.g. http://HOST:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--token", help="Ray auth token (default: RAY_AUTH_TOKEN, ~/.ray/auth_token)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="submit a job file to a Ray cluster")
+    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", metavar="RUN_OR_CKPT", help="checkpoint on the cluster's filesystem")
+    p.add_argument("--id", dest="submission_id", help="submission id (default: generated)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits at most")
+    _common(p)
+    p.set_defaults(func=_submit)
+    for name, func, text in (("status", _status, "status of a submitted job"),
+                             ("stop", _stop, "stop a submitted job"),
+                             ("logs", _logs, "logs of a submitted job")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("job_id")
+        if name == "logs":
+            q.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        if name == "status":
+            q.add_argument("--json", action="store_true")
+        _common(q)
+        q.set_defaults(func=func)
+    q = sub.add_parser("list", help="jobs on the cluster")
+    q.add_argument("--json", action="store_true")
+    _common(q)
+    q.set_defaults(func=_list)
+
+
+def _guard(command: str, fn) -> int:
+    try:
+        return fn()
+    except ConnectionError as exc:
+        print(f"condmoe {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    def run() -> int:
+        job_id = jobs.submit(args.job, address=args.address, overrides=args.overrides, token=args.token,
+                             submission_id=args.submission_id, resume=args.resume)
+        print(job_id)
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            st = jobs.status(job_id, address=args.address, token=args.token)
+            if st["status"] in jobs.TERMINAL:
+                print(f"{job_id}: {st['status']}")
+                return 0 if st["status"] == "SUCCEEDED" else 1
+            time.sleep(2.0)
+        print(f"condmoe submit: error: {job_id} still running after {args.timeout:.0f}s", file=sys.stderr)
+        return 1
+
+    return _guard("submit", run)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    def run() -> int:
+        st = jobs.status(args.job_id, address=args.address, token=args.token)
+        print(json.dumps(st, default=str) if args.json else f"{st['job_id']}: {st['status']}"
+              + (f" ({st['message']})" if st.get("message") else ""))
+        return 0
+
+    return _guard("status", run)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    def run() -> int:
+        ok = jobs.stop(args.job_id, address=args.address, token=args.token)
+        print(f"{args.job_id}: {'stop requested' if ok else 'already finished'}")
+        return 0
+
+    return _guard("stop", run)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    def run() -> int:
+        def write(chunk: str) -> None:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+        text = jobs.logs(args.job_id, address=args.address, token=args.token, follow=args.follow, write=write)
+        if not args.follow:
+            sys.stdout.write(text)
+        return 0
+
+    return _guard("logs", run)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import jobs
+
+    def run() -> int:
+        rows = jobs.list_jobs(address=args.address, token=args.token)
+        if args.json:
+            print(json.dumps(rows, default=str))
+            return 0
+        for r in rows:
+            print(f"{r['job_id']}  {r['status']:<9}  {r['entrypoint']}")
+        return 0
+
+    return _guard("list", run)
