@@ -144,9 +144,14 @@ class StreamingLoader:
         self.carry = leftover if self.remainder == "carry" else 0
 
     def __iter__(self) -> Iterator[Batch]:
-        """The rest of the current epoch; when it is read to the end the loader moves to the next epoch."""
+        """The rest of the current epoch; when it is read to the end the loader moves to the next epoch.
+
+        A state saved after an epoch's last batch yields an empty pass (and then moves on), so a
+        trainer that counts epochs by StopIteration stays in step with the loader.
+        """
         if self.batches_remaining == 0:
             self._advance()
+            return
         stream = self._snapshot()
         if self.num_workers == 0:
             batches = iter(stream)

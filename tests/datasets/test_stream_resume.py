@@ -116,3 +116,19 @@ def test_bad_states_are_rejected(digits_dir):
     with pytest.raises(ValueError, match="lacks 'epoch'"):
         ld.load_state_dict({k: v for k, v in good.items() if k != "epoch"})
     assert len(json.dumps(good)) < 200
+
+
+def test_state_saved_after_the_last_batch_of_an_epoch(digits_dir):
+    ld = StreamingLoader(digits_dir, "train", 100, seed=7)
+    it = iter(ld)
+    for _ in range(len(ld)):
+        next(it)  # a trainer checkpoints here, before asking for more
+    state = ld.state_dict()
+    assert state["epoch"] == 0 and state["position"] == 1200
+    resumed = StreamingLoader(digits_dir, "train", 100, seed=7)
+    resumed.load_state_dict(state)
+    assert list(resumed) == [] and resumed.state_dict()["epoch"] == 1  # empty pass, then epoch 1
+    resumed.set_epoch(1)  # what a loop counting epochs by StopIteration calls next: no reset
+    fresh = StreamingLoader(digits_dir, "train", 100, seed=7)
+    fresh.set_epoch(1)
+    assert read_epoch(resumed) == read_epoch(fresh)
