@@ -1,0 +1,61 @@
+"""Bad input to `condmoe train` / `submit`: one clear line, non-zero exit, nothing started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from condmoe.cluster.cli import main
+
+JOB = Path(__file__).resolve().parents[2] / "configs" / "condconv.yaml"
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.fixture
+def no_ray():
+    import ray
+
+    assert not ray.is_initialized()
+    yield
+    assert not ray.is_initialized(), "a bad input started Ray"
+
+
+@pytest.mark.parametrize("case", ["malformed", "unknown_key", "wrong_type", "missing_data", "unreachable",
+                                  "missing_file", "bad_resume", "bad_override"])
+def test_bad_input_one_line_nonzero(case, tmp_path, fmnist_shards, capsys, no_ray):
+    storage = f"cluster.storage_path={tmp_path / 'runs'}"
+    ok_data = f"data.path={fmnist_shards}"
+    if case == "malformed":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("model: {name: condconv_cnn\ndata: [\n")
+        argv, expect = ["train", str(bad)], "malformed YAML"
+    elif case == "unknown_key":
+        argv, expect = ["train", str(JOB), "--set", "optim.learning_rate=0.1"], "unknown key 'optim.learning_rate'"
+    elif case == "wrong_type":
+        argv, expect = ["train", str(JOB), "--set", "optim.steps=lots"], "optim.steps"
+    elif case == "missing_data":
+        argv, expect = ["train", str(JOB), "--set", f"data.path={tmp_path / 'nope'}"], "does not exist"
+    elif case == "unreachable":
+        argv, expect = ["train", str(JOB), "--set", ok_data, "--address", "127.0.0.1:9"], "unreachable"
+    elif case == "missing_file":
+        argv, expect = ["train", str(tmp_path / "none.yaml")], "not found"
+    elif case == "bad_resume":
+        argv, expect = ["train", str(JOB), "--set", ok_data, "--resume", str(tmp_path)], "no complete checkpoint"
+    else:
+        argv, expect = ["train", str(JOB), "--set", "optim.lr"], "KEY.PATH=VALUE"
+    argv += ["--set", storage] if case != "bad_override" else []
+    rc, err = _run(argv, capsys)
+    assert rc != 0
+    assert expect in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_submit_unreachable(capsys, no_ray):
+    rc, err = _run(["submit", str(JOB), "--address", "http://127.0.0.1:9"], capsys)
+    assert rc != 0 and "127.0.0.1:9" in err and len(err.splitlines()) == 1, err
