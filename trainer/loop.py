@@ -147,14 +147,21 @@ class _Batches:
         self._it: Iterator | None = None
 
     def next(self):
+        empty = 0
         while True:
             if self._it is None:
                 self._it = iter(self.loader)
             try:
                 return next(self._it)
             except StopIteration:
-                self.epoch += 1
-                self.loader.set_epoch(self.epoch)
+                empty += 1
+                if empty > 2:
+                    raise RuntimeError("the training loader yields no batches") from None
+                # StreamingLoader moves itself to the next epoch at the end of one; others may not
+                now = self.loader.state_dict().get("epoch", self.epoch)
+                if now == self.epoch:
+                    self.loader.set_epoch(self.epoch + 1)
+                self.epoch = int(self.loader.state_dict().get("epoch", self.epoch + 1))
                 self._it = None
 
     def state_dict(self) -> dict:
