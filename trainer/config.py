@@ -116,6 +116,15 @@ class CheckpointConfig(_Section):
     )
 
 
+class PrometheusConfig(_Section):
+    """The job's Prometheus exporter (condmoe.cluster.metrics)."""
+
+    enabled: bool = Field(True, description="run one exporter per job, fed by rank 0's aggregate")
+    host: str = Field("127.0.0.1", description="address the exporter binds (0.0.0.0 on a cluster)")
+    port: int = Field(9108, ge=0, le=65535, description="exporter port (0: any free port)")
+    every_n_steps: int = Field(1, ge=1, description="push to the exporter at most every N steps")
+
+
 class MetricsConfig(_Section):
     """Logging, evaluation cadence and sample-key recording."""
 
@@ -127,6 +136,7 @@ class MetricsConfig(_Section):
     record_keys: bool = Field(
         False, description="append every trained sample key to <run>/keys/rank*.jsonl"
     )
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
 
 
 class ClusterConfig(_Section):
