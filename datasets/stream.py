@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import MANIFEST_NAME, read_manifest
-from .plan import carry_for_epoch, epoch_sequence, rank_positions, steps_in
+from .plan import epoch_sequence, rank_positions, steps_in
 from .shardio import BadSample, ShardRead, decode_sample, is_local, probe_shard, read_shard, shard_name
 
 log = logging.getLogger(__name__)

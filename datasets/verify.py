@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import MANIFEST_NAME, read_manifest
+from .manifest import read_manifest
 from .shardio import IMAGE_EXTS, LABEL_EXTS, read_shard
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ class SplitSummary:
     @property
     def balance(self) -> float:
         """Smallest class count over the largest (1.0 = perfectly balanced)."""
-        nz = [c for c in self.class_counts]
-        return min(nz) / max(nz) if nz and max(nz) else 0.0
+        counts = self.class_counts
+        return min(counts) / max(counts) if counts and max(counts) else 0.0
 
 
 def summarize_shards(folder: str | Path) -> tuple[list[SplitSummary], dict]:
@@ -112,4 +112,4 @@ def summarize_shards(folder: str | Path) -> tuple[list[SplitSummary], dict]:
     return out, man.meta
 
 
-__all__ = ["BadShard", "VerifyReport", "SplitSummary", "verify_shards", "summarize_shards", "MANIFEST_NAME"]
+__all__ = ["BadShard", "VerifyReport", "SplitSummary", "verify_shards", "summarize_shards"]
