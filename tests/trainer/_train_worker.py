@@ -14,7 +14,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_models  # noqa: E402,F401  (registers test_soft_cnn / test_moe_cnn)
-from memory_loader import memory_factory  # noqa: E402
 
 from condmoe.trainer.config import load_job  # noqa: E402
 from condmoe.trainer.loop import streaming_loader, train  # noqa: E402
@@ -26,8 +25,7 @@ def main() -> None:
     resume = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
     overrides = sys.argv[4:]
     cfg = load_job(job, overrides)
-    factory = memory_factory if cfg.data.path.endswith("MEMORY") else streaming_loader
-    res = train(cfg, loader_factory=factory, resume=resume)
+    res = train(cfg, loader_factory=streaming_loader, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out).write_text(json.dumps({
             "step": res.step, "losses": res.losses, "eval": res.eval, "routing": res.routing,

@@ -19,8 +19,8 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
-def test_kill_during_checkpoint_write_keeps_previous(job_file, tmp_path):
-    job = job_file(tiny_job(), "ck")
+def test_kill_during_checkpoint_write_keeps_previous(job_file, tmp_path, fmnist_shards):
+    job = job_file(tiny_job(fmnist_shards), "ck")
     out = tmp_path / "out.json"
     p = subprocess.run([sys.executable, str(WORKER), str(job), "save-then-kill", str(out)], env=ENV,
                        capture_output=True, text=True, timeout=180)

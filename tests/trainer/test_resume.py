@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+import json
+
 from condmoe.trainer.checkpoint import list_checkpoints, read_meta
 
 from trainer_testlib import run_workers, tiny_job
@@ -16,37 +18,59 @@ from trainer_testlib import run_workers, tiny_job
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
+def _keys(run_dir) -> dict[int, set[str]]:
+    """step -> the global batch's sample keys, from every rank's key log."""
+    out: dict[int, set[str]] = {}
+    for f in (run_dir / "keys").glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], set()).update(rec["keys"])
+    return out
+
+
+def _with_keys(job: dict) -> dict:
+    return {**job, "metrics": {**job["metrics"], "record_keys": True}}
+
+
 def _close(a: dict, b: dict, steps, rel: float) -> None:
     for s in steps:
         assert abs(a[s] - b[s]) <= rel * abs(b[s]), f"step {s}: {a[s]} vs {b[s]}"
 
 
-def test_zero_resume_same_and_other_world_size(job_file, tmp_path):
-    full = run_workers(job_file(tiny_job(steps=6, every=3), "full"), 2, tmp_path / "full.json")
+def test_zero_resume_same_and_other_world_size(job_file, tmp_path, fmnist_shards):
+    full = run_workers(job_file(_with_keys(tiny_job(fmnist_shards, steps=6, every=3)), "full"), 2,
+                       tmp_path / "full.json")
     assert full["step"] == 6 and full["losses"][6] < full["losses"][1]
     # 2 workers to step 3, then continue on 2 (DeepSpeed's own load) and on 1 (re-sharded)
-    first = job_file(tiny_job(steps=3, every=3), "first")
+    first = job_file(_with_keys(tiny_job(fmnist_shards, steps=3, every=3)), "first")
     res = run_workers(first, 2, tmp_path / "first.json")
     ckpt = res["checkpoint"]
     meta = read_meta(ckpt)
-    assert meta["step"] == 3 and meta["world_size"] == 2 and meta["data"]["loader"]["pos"] == 96
+    assert meta["step"] == 3 and meta["world_size"] == 2 and meta["data"]["loader"]["position"] == 96
     assert meta["routing"]["mix"]["samples"] == 96
-    same = run_workers(job_file(tiny_job(steps=6), "same"), 2, tmp_path / "same.json", resume=ckpt)
+    same = run_workers(job_file(tiny_job(fmnist_shards, steps=6), "same"), 2, tmp_path / "same.json", resume=ckpt)
     assert same["resumed_from"] == ckpt and sorted(same["losses"]) == [4, 5, 6]
     _close(same["losses"], full["losses"], [4, 5, 6], 1e-5)
-    one = run_workers(job_file(tiny_job(steps=6), "one"), 1, tmp_path / "one.json", resume=ckpt)
+    one = run_workers(job_file(_with_keys(tiny_job(fmnist_shards, steps=6)), "one"), 1, tmp_path / "one.json",
+                      resume=ckpt)
     _close(one["losses"], full["losses"], [4, 5, 6], 1e-4)
+    # the data position converted: 1 worker reads exactly the samples 2 workers would have read next
+    runs = tmp_path / "runs"
+    full_keys, first_keys, one_keys = _keys(runs / "full"), _keys(runs / "first"), _keys(runs / "one")
+    assert sorted(one_keys) == [4, 5, 6]
+    assert {**first_keys, **one_keys} == full_keys
+    assert len(set().union(*full_keys.values())) == 6 * 32
     # routing totals continue across the resume: 6 steps x 32 samples
     assert one["routing"]["mix"]["samples"] == 6 * 32
     # 1 -> 2
-    solo = run_workers(job_file(tiny_job(steps=3, every=3), "solo"), 1, tmp_path / "solo.json")
-    two = run_workers(job_file(tiny_job(steps=6), "two"), 2, tmp_path / "two.json",
+    solo = run_workers(job_file(tiny_job(fmnist_shards, steps=3, every=3), "solo"), 1, tmp_path / "solo.json")
+    two = run_workers(job_file(tiny_job(fmnist_shards, steps=6), "two"), 2, tmp_path / "two.json",
                       resume=solo["checkpoint"])
     _close(two["losses"], full["losses"], [4, 5, 6], 1e-4)
 
 
-def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path):
-    job = tiny_job("test_moe_cnn", steps=6, every=3, ep_size=2)
+def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path, fmnist_shards):
+    job = tiny_job(fmnist_shards, "test_moe_cnn", steps=6, every=3, ep_size=2)
     full = run_workers(job_file(job, "full"), 2, tmp_path / "full.json")
     assert full["losses"][6] < full["losses"][1]
     first = run_workers(job_file({**job, "optim": {**job["optim"], "steps": 3}}, "first"), 2,

@@ -54,10 +54,11 @@ def run_workers(job: Path, world: int, out: Path, *, resume: str | None = None,
     return res
 
 
-def tiny_job(model: str = "test_soft_cnn", *, steps: int = 6, every: int = 3, **model_opts) -> dict:
-    """A job dict for the tiny test models on the in-memory Fashion-MNIST slice."""
+def tiny_job(data: str | Path, model: str = "test_soft_cnn", *, steps: int = 6, every: int = 3,
+             **model_opts) -> dict:
+    """A job dict for the tiny test models on a Fashion-MNIST shard slice."""
     return {"model": {"name": model, "size": "tiny", "experts": 4, **model_opts},
-            "data": {"path": "MEMORY", "batch_size": 32, "eval_batch_size": 128},
+            "data": {"path": str(data), "batch_size": 32, "eval_batch_size": 128},
             "optim": {"steps": steps, "lr": 0.003, "schedule": "constant"},
             "checkpoint": {"every": every, "keep_last": 2},
             "metrics": {"log_every": 2, "eval_batches": 1}}
