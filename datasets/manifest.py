@@ -74,13 +74,28 @@ def write_manifest(path: str | Path, shards: list[ShardInfo], meta: dict) -> Non
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Read a manifest from a shard folder or from the .parquet file itself."""
+    """Read a manifest from a shard folder, the .parquet file itself, or a folder URL (fsspec)."""
+    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+        import io
+
+        import fsspec
+
+        url = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{MANIFEST_NAME}"
+        try:
+            with fsspec.open(url, "rb") as f:
+                table = pq.read_table(io.BytesIO(f.read()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no {MANIFEST_NAME} at {url} (not a complete shard set)") from None
+        return _from_table(table, url)
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST_NAME} at {path} (not a complete shard set)")
-    table = pq.read_table(str(path))
+    return _from_table(pq.read_table(str(path)), str(path))
+
+
+def _from_table(table: pa.Table, path: str) -> Manifest:
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")

@@ -77,7 +77,8 @@ def _expand(pattern: str) -> list[str]:
 def resolve_shards(source: str | Path, split: str) -> tuple[list[ShardRef], dict]:
     """Shards of ``split`` and the dataset metadata, from a shard folder / manifest or a URL pattern.
 
-    A folder (or ``manifest.parquet``) gives the split's shards in name order. A URL or
+    A folder (or ``manifest.parquet``, or a folder URL such as ``s3://bucket/fmnist``) gives
+    the split's shards in name order. A shard URL or
     brace pattern (``/d/train-{000000..000009}.tar``, ``pipe:...``, ``::`` joins several)
     is taken as the shard list itself (``split`` is then only a label); counts come from
     a manifest beside local shards when it lists them all, else from reading each shard once.
@@ -89,6 +90,10 @@ def resolve_shards(source: str | Path, split: str) -> tuple[list[ShardRef], dict
         man = read_manifest(folder)
         rows = man.split(split)
         return [ShardRef(str(folder / r.shard), r.shard, r.samples) for r in rows], dict(man.meta)
+    if not is_local(src) and "{" not in src and not src.startswith("pipe:") and not src.endswith((".tar", ".tgz", ".gz")):
+        base = src.rstrip("/")  # a folder URL on object storage: its manifest lists the shards
+        man = read_manifest(base)
+        return [ShardRef(f"{base}/{r.shard}", r.shard, r.samples) for r in man.split(split)], dict(man.meta)
     if is_local(src) and not any(c in src for c in "{:") and not p.exists():
         raise FileNotFoundError(f"shard source {src} does not exist")
     urls = _expand(src)

@@ -73,6 +73,11 @@ def test_fsspec_and_file_urls(digits_dir):
         assert [s.samples for s in remote.shards] == [100, 80]
         expected = read_epoch(StreamingLoader(digits_dir, "val", 36, seed=4))
         assert read_epoch(remote) == expected
+        for name in ("manifest.parquet", *[r.shard for r in read_manifest(digits_dir).split("train")]):
+            fs.pipe(f"/condmoe-test/{name}", (digits_dir / name).read_bytes())
+        folder_url = StreamingLoader("memory://condmoe-test", "train", 50, seed=4)  # manifest read remotely
+        assert folder_url.mean == read_manifest(digits_dir).meta["mean"]
+        assert read_epoch(folder_url) == read_epoch(StreamingLoader(digits_dir, "train", 50, seed=4))
         as_file_url = StreamingLoader(f"file://{digits_dir}/val-{{000000..000001}}.tar", "val", 36, seed=4)
         assert read_epoch(as_file_url) == expected
     finally:
