@@ -108,7 +108,11 @@ def train_worker(config: dict) -> None:
             ckpt = Checkpoint(str(path))
         ray.train.report(flat, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    train(cfg, report=report, resume=resume)
+    from condmoe.cluster.monitor import worker_monitor
+
+    # Prometheus feed + Parquet routing log (rank 0), step-time and data-wait timing
+    with worker_monitor(cfg, report) as mon:
+        train(cfg, report=mon.report, resume=resume, on_step=mon.on_step, loader_factory=mon.loader_factory)
 
 
 def _init_ray(cfg: JobConfig, address: str | None) -> bool:
@@ -138,7 +142,10 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from condmoe.cluster.metrics import start_job_exporter
+
     started = _init_ray(cfg, address)
+    exporter = start_job_exporter(cfg)  # one Prometheus exporter per job (head node); logs its URL
     try:
         cl = cfg.cluster
         resources = {"CPU": cl.cpus_per_worker}
@@ -160,6 +167,7 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
         return LaunchResult(metrics=dict(result.metrics or {}), checkpoint=ckpt,
                             run_dir=cfg.run_dir, error=err)
     finally:
+        exporter.stop()
         if started:
             ray.shutdown()
 
