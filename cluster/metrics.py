@@ -1,0 +1,391 @@
+"""Prometheus export of expert use and training health: one exporter per job.
+
+The exporter (prometheus_client, its own registry and HTTP server) lives in a
+Ray actor on the head node (:func:`start_job_exporter`, called by the job's
+driver) or, with no Ray around, in rank 0's process. Rank 0 feeds it the
+aggregate of all ranks' RoutingStats (already all-reduced by the train loop)
+every ``metrics.prometheus.every_n_steps`` steps; per-expert series carry the
+labels ``job``, ``layer``, ``expert`` and never a rank, so cardinality stays
+layers x experts.
+
+Names follow the Prometheus conventions: prefix ``condmoe_``, base units
+(seconds, ratios), ``_total`` for counters. The metric ``job`` label clashes
+with Prometheus' own target label: scrape with ``honor_labels: true`` (see
+deploy/prometheus/prometheus.yml).
+
+The update fed to :meth:`JobMetrics.apply` is a plain dict (it travels to the
+actor), every key optional::
+
+    step: int                 last optimiser step covered
+    steps, samples: int       new optimiser steps / training samples since the last update
+    loss, eval_accuracy: float
+    routing: {layer: RoutingStats.as_dict()}   new routing stats, summed over ranks
+    step_seconds, data_wait_seconds, checkpoint_seconds: list[float]  observations
+    bad_samples: {reason: int}                 new skipped samples
+    restart: bool             a new worker group (after a failure) attached
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from condmoe.routing import RoutingStats
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "condmoe"  # Ray namespace of the exporter actors
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+CKPT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+
+class _ScrapeCounter:
+    """A collector that exposes nothing; it counts scrapes (collect() runs once per scrape)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = 0.0
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable:
+        self.count += 1
+        self.last = time.time()
+        return []
+
+
+class JobMetrics:
+    """The metric families of one job, in their own registry."""
+
+    def __init__(self, job: str, registry: CollectorRegistry | None = None) -> None:
+        if not job:
+            raise ValueError("JobMetrics needs a non-empty job name, got ''")
+        self.job = job
+        self.registry = r = registry or CollectorRegistry()
+        lx, ll, lj = ("job", "layer", "expert"), ("job", "layer"), ("job",)
+        self.assignments = Counter("condmoe_expert_assignments", "Items routed to each expert (hard routing, "
+                                   "before capacity drops)", lx, registry=r)
+        self.weight_sum = Counter("condmoe_expert_routing_weight", "Routing weights summed over samples per "
+                                  "expert (soft routing)", lx, registry=r)
+        self.weight_mean = Gauge("condmoe_expert_routing_weight_mean", "Mean routing weight per expert over "
+                                 "the last update interval (soft routing)", lx, registry=r)
+        self.share = Gauge("condmoe_expert_load_share_ratio", "Share of the layer's load carried by each expert "
+                           "over the last update interval (0..1)", lx, registry=r)
+        self.layer_info = Gauge("condmoe_layer_info", "Routed layers (value 1); kind is hard or soft",
+                                ("job", "layer", "kind"), registry=r)
+        self.layer_experts = Gauge("condmoe_layer_experts", "Experts of a routed layer", ll, registry=r)
+        self.layer_samples = Counter("condmoe_layer_routed_samples", "Samples that reached the layer's router",
+                                     ll, registry=r)
+        self.dropped = Counter("condmoe_layer_dropped", "Items dropped because an expert was over capacity",
+                               ll, registry=r)
+        self.early_exits = Counter("condmoe_layer_early_exits", "Samples that left before the layer's experts",
+                                   ll, registry=r)
+        self.imbalance = Gauge("condmoe_layer_load_imbalance_ratio", "max/mean expert load over the last update "
+                               "interval (1: balanced)", ll, registry=r)
+        self.entropy = Gauge("condmoe_layer_routing_entropy_ratio", "Entropy of the expert load over the last "
+                             "update interval, normalised to 0..1", ll, registry=r)
+        self.steps = Counter("condmoe_train_steps", "Optimiser steps trained", lj, registry=r)
+        self.samples = Counter("condmoe_train_samples", "Training samples consumed", lj, registry=r)
+        self.last_step = Gauge("condmoe_train_last_step", "Last optimiser step reported", lj, registry=r)
+        self.loss = Gauge("condmoe_train_loss", "Training loss (mean over ranks) at the last update", lj,
+                          registry=r)
+        self.accuracy = Gauge("condmoe_eval_accuracy_ratio", "Accuracy of the last evaluation", lj, registry=r)
+        self.step_time = Histogram("condmoe_train_step_duration_seconds", "Wall time of one optimiser step "
+                                   "(rank 0)", lj, buckets=STEP_BUCKETS, registry=r)
+        self.data_wait = Histogram("condmoe_data_wait_seconds", "Time a worker waited for its next training "
+                                   "batch (all ranks)", lj, buckets=WAIT_BUCKETS, registry=r)
+        self.bad = Counter("condmoe_bad_samples_skipped", "Corrupt or unreadable samples skipped, by reason",
+                           ("job", "reason"), registry=r)
+        self.ckpt = Histogram("condmoe_checkpoint_duration_seconds", "Wall time of one checkpoint save", lj,
+                              buckets=CKPT_BUCKETS, registry=r)
+        self.restarts = Counter("condmoe_worker_restarts", "Worker-group restarts after failures", lj, registry=r)
+        self.updated = Gauge("condmoe_last_update_timestamp_seconds", "Unix time of the last update", lj,
+                             registry=r)
+        self.scrapes = _ScrapeCounter()
+        r.register(self.scrapes)
+        # create the label-less-per-job series up front, so every family is in the exposition from the start
+        for metric in (self.steps, self.samples, self.restarts):
+            metric.labels(job)
+        self.step_time.labels(job)
+        self.data_wait.labels(job)
+        self.ckpt.labels(job)
+
+    def apply(self, update: dict[str, Any]) -> None:
+        """Fold one update (see the module docstring) into the metrics."""
+        job = self.job
+        for name, d in (update.get("routing") or {}).items():
+            self._apply_layer(name, RoutingStats.from_load(
+                _tensor(d["load"]), d["samples"], dropped=d.get("dropped", 0),
+                early_exits=d.get("early_exits", 0), kind=d.get("kind", "hard")))
+        if update.get("steps"):
+            self.steps.labels(job).inc(int(update["steps"]))
+        if update.get("samples"):
+            self.samples.labels(job).inc(int(update["samples"]))
+        if update.get("step") is not None:
+            self.last_step.labels(job).set(int(update["step"]))
+        if update.get("loss") is not None:
+            self.loss.labels(job).set(float(update["loss"]))
+        if update.get("eval_accuracy") is not None:
+            self.accuracy.labels(job).set(float(update["eval_accuracy"]))
+        for hist, key in ((self.step_time, "step_seconds"), (self.data_wait, "data_wait_seconds"),
+                          (self.ckpt, "checkpoint_seconds")):
+            child = hist.labels(job)
+            for v in update.get(key) or ():
+                child.observe(max(0.0, float(v)))
+        for reason, n in (update.get("bad_samples") or {}).items():
+            if n < 0:
+                raise ValueError(f"bad_samples[{reason!r}] is negative: {n}")
+            if n:
+                self.bad.labels(job, str(reason)).inc(n)
+        if update.get("restart"):
+            self.restarts.labels(job).inc()
+        self.updated.labels(job).set(time.time())
+
+    def _apply_layer(self, name: str, s: RoutingStats) -> None:
+        job = self.job
+        self.layer_info.labels(job, name, s.kind).set(1)
+        self.layer_experts.labels(job, name).set(s.num_experts)
+        self.layer_samples.labels(job, name).inc(s.samples)
+        self.dropped.labels(job, name).inc(s.dropped)
+        self.early_exits.labels(job, name).inc(s.early_exits)
+        self.imbalance.labels(job, name).set(s.imbalance)
+        self.entropy.labels(job, name).set(s.entropy)
+        share = s.fraction.tolist()
+        for e, value in enumerate(s.load.tolist()):
+            labels = (job, name, str(e))
+            self.share.labels(*labels).set(share[e])
+            if s.kind == "hard":
+                self.assignments.labels(*labels).inc(value)
+            else:
+                self.weight_sum.labels(*labels).inc(value)
+                self.weight_mean.labels(*labels).set(value / s.samples if s.samples else 0.0)
+
+    def exposition(self) -> str:
+        """The text exposition (what a scrape returns)."""
+        return generate_latest(self.registry).decode()
+
+
+def _tensor(values: list[float]):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class MetricsExporter:
+    """JobMetrics behind an HTTP server (``/metrics``); thread-safe, usable in any process."""
+
+    def __init__(self, job: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"exporter port must be 0..65535, got {port}")
+        self.metrics = JobMetrics(job)
+        self.host, self.port = host, int(port)
+        self._server = self._thread = None
+        self._lock = threading.Lock()
+        self._sessions: set[str] = set()
+        self._scrapes_at_update = 0
+
+    def start(self) -> str:
+        """Bind and serve; a taken port falls back to a free one (logged). Returns the URL."""
+        try:
+            self._server, self._thread = start_http_server(self.port, self.host, registry=self.metrics.registry)
+        except OSError as exc:
+            if self.port == 0:
+                raise
+            log.warning("exporter port %s:%d unavailable (%s); using a free port", self.host, self.port,
+                        exc.strerror or exc)
+            self._server, self._thread = start_http_server(0, self.host, registry=self.metrics.registry)
+        self.port = int(self._server.server_port)
+        log.info("Prometheus exporter for job %s: %s", self.metrics.job, self.url)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def update(self, update: dict[str, Any]) -> None:
+        with self._lock:
+            self.metrics.apply(update)
+            self._scrapes_at_update = self.metrics.scrapes.count
+
+    def attach(self, session: str) -> bool:
+        """Rank 0 of a worker group says hello; every group after the first counts a restart."""
+        with self._lock:
+            restart = bool(self._sessions) and session not in self._sessions
+            self._sessions.add(session)
+            if restart:
+                self.metrics.apply({"restart": True})
+            return restart
+
+    def scrape_state(self) -> dict[str, float]:
+        """Scrapes so far, and how many happened after the last update."""
+        s = self.metrics.scrapes
+        return {"scrapes": s.count, "since_update": s.count - self._scrapes_at_update, "last": s.last}
+
+    def exposition(self) -> str:
+        return self.metrics.exposition()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def actor_name(job: str) -> str:
+    return f"condmoe-metrics-{job}"
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class ExporterActor:
+        """A MetricsExporter in its own process on the head node (one per job)."""
+
+        def __init__(self, job: str, host: str, port: int) -> None:
+            logging.basicConfig(level=logging.INFO)
+            self.exporter = MetricsExporter(job, host, port)
+            self.exporter.start()
+
+        def url(self) -> str:
+            return self.exporter.url
+
+        def update(self, update: dict) -> None:
+            self.exporter.update(update)
+
+        def attach(self, session: str) -> bool:
+            return self.exporter.attach(session)
+
+        def scrape_state(self) -> dict:
+            return self.exporter.scrape_state()
+
+        def exposition(self) -> str:
+            return self.exporter.exposition()
+
+        def stop(self) -> None:
+            self.exporter.stop()
+
+    return ExporterActor
+
+
+@dataclass
+class JobExporter:
+    """The driver's handle on a job's exporter actor (``actor`` None: export is off)."""
+
+    job: str
+    actor: Any = None
+    url: str | None = None
+    owned: bool = False
+
+    def stop(self, final_scrape_timeout_s: float = 15.0) -> None:
+        """Stop an exporter this driver started, after one more scrape if anyone scrapes it."""
+        if self.actor is None or not self.owned:
+            return
+        import ray
+
+        try:
+            wait_for_final_scrape(self.actor, final_scrape_timeout_s)
+            ray.get(self.actor.stop.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - a dying exporter must not fail the run
+            log.warning("stopping the exporter of job %s: %s", self.job, exc)
+        ray.kill(self.actor)
+        self.actor = None
+
+
+def wait_for_final_scrape(actor, timeout_s: float) -> bool:
+    """Wait (bounded) until a scrape followed the last update; returns at once if nobody ever scraped."""
+    import ray
+
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        state = ray.get(actor.scrape_state.remote(), timeout=10)
+        if state["scrapes"] == 0 or state["since_update"] > 0:
+            return state["scrapes"] > 0
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def find_job_exporter(job: str):
+    """The running exporter actor of ``job`` (None when there is none or Ray is not initialised)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return ray.get_actor(actor_name(job), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def start_job_exporter(cfg) -> JobExporter:
+    """Driver side: the job's exporter actor on the head node (reused if one runs); logs its URL.
+
+    Never raises for runtime problems: monitoring must not stop a training job.
+    """
+    import ray
+
+    prom = cfg.metrics.prometheus
+    job = cfg.run_name
+    if not prom.enabled:
+        return JobExporter(job)
+    existing = find_job_exporter(job)
+    try:
+        if existing is not None:
+            url = ray.get(existing.url.remote(), timeout=30)
+            log.info("Prometheus exporter for job %s (already running): %s", job, url)
+            return JobExporter(job, existing, url, owned=False)
+        head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
+        actor = _actor_class().options(name=actor_name(job), namespace=NAMESPACE, resources=head).remote(
+            job, prom.host, prom.port)
+        url = ray.get(actor.url.remote(), timeout=60)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("Prometheus exporter for job %s did not start: %s", job, exc)
+        return JobExporter(job)
+    log.info("Prometheus exporter for job %s: %s", job, url)
+    return JobExporter(job, actor, url, owned=True)
+
+
+def parse_exposition(text: str, job: str | None = None) -> dict[str, RoutingStats]:
+    """Rebuild run-total RoutingStats per layer from an exposition (``condmoe experts URL``)."""
+    kinds: dict[str, str] = {}
+    loads: dict[str, dict[int, float]] = {}
+    extra: dict[str, dict[str, float]] = {}
+    jobs: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            lab = s.labels
+            if "job" in lab:
+                jobs.add(lab["job"])
+            if job is not None and lab.get("job") != job:
+                continue
+            if s.name == "condmoe_layer_info":
+                kinds[lab["layer"]] = lab["kind"]
+            elif s.name in ("condmoe_expert_assignments_total", "condmoe_expert_routing_weight_total"):
+                loads.setdefault(lab["layer"], {})[int(lab["expert"])] = s.value
+            elif s.name in ("condmoe_layer_routed_samples_total", "condmoe_layer_dropped_total",
+                            "condmoe_layer_early_exits_total"):
+                extra.setdefault(lab["layer"], {})[s.name] = s.value
+    if job is None and len(jobs) > 1:
+        raise ValueError(f"the exposition holds several jobs {sorted(jobs)}; name one")
+    out: dict[str, RoutingStats] = {}
+    for layer in sorted(loads):
+        per = loads[layer]
+        e = extra.get(layer, {})
+        out[layer] = RoutingStats.from_load(
+            _tensor([per.get(i, 0.0) for i in range(max(per) + 1)]),
+            int(e.get("condmoe_layer_routed_samples_total", 0)),
+            dropped=int(e.get("condmoe_layer_dropped_total", 0)),
+            early_exits=int(e.get("condmoe_layer_early_exits_total", 0)), kind=kinds.get(layer, "hard"))
+    return out
