@@ -17,6 +17,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "condmoe.cluster.cmd_shards",
     "condmoe.cluster.cmd_train",
     "condmoe.cluster.cmd_jobs",
+    "condmoe.cluster.cmd_monitor",
 )
 
 
