@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def bench_fed_loop(folder: Path, batch: int, steps: int, workers: int) -> dict:
     ld = StreamingLoader(folder, "train", batch, num_workers=workers, seed=2)
     it = iter(ld)
     next(it)  # worker start-up is a once-per-epoch cost, reported by the reader rows
-    wait = compute = 0.0
+    waits, compute = [], 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
         x = next(it)
@@ -98,10 +99,12 @@ def bench_fed_loop(folder: Path, batch: int, steps: int, workers: int) -> dict:
         model(x.images, x.labels).loss.backward()
         opt.step()
         t2 = time.perf_counter()
-        wait += t1 - t0
+        waits.append(t1 - t0)
         compute += t2 - t1
+    wait = sum(waits)
     return {"workers": workers, "steps": steps, "wait_s": round(wait, 3), "compute_s": round(compute, 2),
-            "wait_fraction": round(wait / (wait + compute), 4)}
+            "wait_fraction": round(wait / (wait + compute), 4),
+            "wait_ms_median": round(1000 * statistics.median(waits), 2), "wait_ms_max": round(1000 * max(waits), 1)}
 
 
 def main() -> None:
@@ -138,7 +141,11 @@ def main() -> None:
     print(f"{'train condconv_cnn small (8 experts), ' + str(args.threads) + ' thread(s)':<44}"
           f"{train['samples_per_s']:>12}{1.0:>10.2f}")
     print(f"loader-fed training (1 worker): data wait {100 * fed['wait_fraction']:.2f}% of step time "
-          f"({fed['wait_s']} s of {fed['wait_s'] + fed['compute_s']:.2f} s over {fed['steps']} steps)")
+          f"({fed['wait_s']} s of {fed['wait_s'] + fed['compute_s']:.2f} s over {fed['steps']} steps; "
+          f"median wait {fed['wait_ms_median']} ms, max {fed['wait_ms_max']} ms)")
+    load = os.getloadavg()[0]
+    result["load_average_1min"] = round(load, 2)
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load:.1f} at the end (other jobs share it)")
     print(f"target reader(1 worker) >= 3x train: {ratio:.1f}x -> {'met' if ratio >= 3 else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
