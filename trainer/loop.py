@@ -238,6 +238,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
 
     run_local: dict[str, RoutingStats] = {}
     t_last, samples_last = time.perf_counter(), 0
+    first_step_time: float | None = None
     engine.train()
     while result.step < cfg.optim.steps:
         loss_sum = 0.0
@@ -261,6 +262,8 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
         result.losses[step] = loss
+        if first_step_time is None:
+            first_step_time = time.time()
         samples_last += micro * cfg.optim.grad_accum * world
         if on_step is not None:
             on_step(step)
@@ -271,7 +274,8 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
             continue
         now = time.perf_counter()
         metrics: dict[str, Any] = {"step": step, "loss": loss, "lr": _lr(engine), "epoch": batches.epoch,
-                                   "samples_per_s": samples_last / max(now - t_last, 1e-9)}
+                                   "samples_per_s": samples_last / max(now - t_last, 1e-9),
+                                   "time": time.time(), "first_step_time": first_step_time}
         t_last, samples_last = now, 0
         routing = allreduce_stats(interval)
         interval = {}

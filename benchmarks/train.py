@@ -1,0 +1,183 @@
+"""condmoe's Ray + DeepSpeed job against a plain single-process PyTorch loop (CPU).
+
+Same model, same shards (StreamingLoader), same batch size and the same torch
+thread count per process, measured in one run:
+
+- samples/s of the plain loop (AdamW, no DeepSpeed, no Ray) and of
+  ``condmoe train`` with 1 worker (target >= 0.9x) and with 2 workers;
+  condmoe's rate is the median of its log intervals after the first
+  (warm-up) one, the plain loop's over the same number of steps after warm-up;
+- time from command start to the first finished step (``condmoe train`` as a
+  subprocess, DeepSpeed's op cache warm);
+- checkpoint save / load seconds per MB (sharded DeepSpeed files + portable state).
+
+Prints a table and writes benchmarks/results/train.json.
+
+    python benchmarks/train.py [--model condconv_cnn --size small --experts 8 --steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shards(path: Path, limit: int) -> Path:
+    from condmoe.datasets import write_shards
+
+    if (path / "manifest.parquet").is_file():
+        return path
+    return write_shards("fashion_mnist", path, samples_per_shard=1000, limit=limit)
+
+
+def _job(args, shards: Path, storage: Path, workers: int, name: str) -> Path:
+    tree = {"model": {"name": args.model, "size": args.size, "experts": args.experts},
+            "data": {"path": str(shards), "batch_size": args.batch * workers, "eval_batch_size": 256},
+            "optim": {"optimizer": "adamw", "lr": 1e-3, "steps": args.steps, "schedule": "constant"},
+            "deepspeed": {"zero_stage": args.zero},
+            "checkpoint": {"every": 0, "keep_last": 1},
+            "metrics": {"log_every": args.log_every, "eval_every": 0, "eval_batches": 1},
+            "cluster": {"workers": workers, "threads_per_worker": args.threads, "storage_path": str(storage),
+                        "name": name, "max_failures": 0}}
+    if args.model in ("coe_cnn", "topk_moe_cnn"):
+        tree["model"]["ep_size"] = 1
+    p = storage / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def plain_loop(args, shards: Path) -> float:
+    """samples/s of a bare PyTorch loop: model from the registry, AdamW, StreamingLoader."""
+    from condmoe.datasets import StreamingLoader
+    from condmoe.routing import build_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    opts = {"experts": args.experts, "num_classes": 10, "in_channels": 1}
+    model = build_model(args.model, args.size, **opts)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = StreamingLoader(shards, "train", args.batch, seed=0)
+    model.train()
+    it = iter(loader)
+    t0 = None
+    warm = args.log_every
+    for step in range(args.steps):
+        if step == warm:
+            t0 = time.perf_counter()
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(loader)
+            b = next(it)
+        out = model(b.images, b.labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return (args.steps - warm) * args.batch / (time.perf_counter() - t0)
+
+
+def condmoe_job(args, job: Path, storage: Path, name: str) -> dict:
+    """Run ``condmoe train`` as a command; samples/s and seconds from start to the first step."""
+    start = time.time()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
+    p = subprocess.run([str(Path(sys.executable).parent / "condmoe"), "train", str(job), "--json"],
+                       env=env, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"condmoe train failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    recs = [json.loads(line) for line in (storage / name / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in recs[1:] if not any(k.startswith("eval_") for k in r)]
+    return {"samples_per_s": statistics.median(rates) if rates else float("nan"),
+            "first_step_s": recs[0]["first_step_time"] - start, "total_s": time.time() - start}
+
+
+def checkpoint_io(args, shards: Path, storage: Path) -> dict:
+    """Seconds per MB to save and to load one checkpoint of the job's engine (world of one)."""
+    from condmoe.trainer.checkpoint import CheckpointManager
+    from condmoe.trainer.config import load_job
+    from condmoe.trainer.engine import build_engine, setup_distributed
+
+    cfg = load_job(_job(args, shards, storage, 1, "ckpt"))
+    setup_distributed(cfg)
+    engine = build_engine(cfg, 1)
+    b = next(iter(__import__("condmoe.datasets", fromlist=["StreamingLoader"]).StreamingLoader(
+        shards, "train", args.batch)))
+    out = engine(b.images, b.labels)
+    engine.backward(out.loss)
+    engine.step()
+    mgr = CheckpointManager(storage / "ckpt-io", keep_last=2)
+    saves, loads = [], []
+    for i in range(3):
+        t = time.perf_counter()
+        path = mgr.save(engine, i + 1, {"ep_size": 1})
+        saves.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        mgr.load(engine, path, world_size=1, ep_size=1)
+        loads.append(time.perf_counter() - t)
+    mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    return {"checkpoint_mb": mb, "save_s_per_mb": statistics.median(saves) / mb,
+            "load_s_per_mb": statistics.median(loads) / mb, "save_s": statistics.median(saves),
+            "load_s": statistics.median(loads)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="condconv_cnn")
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64, help="per-worker batch")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--shards", type=Path, default=None, help="shard dir (default: written to a temp dir)")
+    ap.add_argument("--limit", type=int, default=8000, help="Fashion-MNIST samples per split to shard")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="condmoe-bench-") as tmp:
+        storage = Path(tmp)
+        shards = _shards(args.shards or storage / "shards", args.limit)
+        # plain loop before and after the 1-worker job: machine load drifts, ratios use their mean
+        plain_runs = [plain_loop(args, shards)]
+        one = condmoe_job(args, _job(args, shards, storage, 1, "w1"), storage, "w1")
+        plain_runs.append(plain_loop(args, shards))
+        plain = statistics.mean(plain_runs)
+        two = condmoe_job(args, _job(args, shards, storage, 2, "w2"), storage, "w2")
+        ckpt = checkpoint_io(args, shards, storage)
+
+    rows = [("plain PyTorch loop, 1 process", plain, 1.0, None),
+            ("condmoe train, 1 worker", one["samples_per_s"], one["samples_per_s"] / plain, one["first_step_s"]),
+            ("condmoe train, 2 workers", two["samples_per_s"], two["samples_per_s"] / plain, two["first_step_s"])]
+    print(f"\n{args.model}/{args.size} E={args.experts}, batch {args.batch}/worker, {args.threads} thread(s)"
+          f"/process, ZeRO {args.zero}, {args.steps} steps, {os.cpu_count()} CPUs")
+    print(f"{'variant':<32} {'samples/s':>10} {'vs plain':>9} {'start->1st step':>16}")
+    for name, rate, ratio, first in rows:
+        f = f"{first:.1f}s" if first is not None else "-"
+        print(f"{name:<32} {rate:>10.1f} {ratio:>8.2f}x {f:>16}")
+    print(f"checkpoint: {ckpt['checkpoint_mb']:.2f} MB, save {ckpt['save_s']:.3f}s "
+          f"({ckpt['save_s_per_mb']:.3f} s/MB), load {ckpt['load_s']:.3f}s ({ckpt['load_s_per_mb']:.3f} s/MB)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "config": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(),
+        "plain_samples_per_s": plain, "plain_runs": plain_runs, "one_worker": one, "two_workers": two,
+        "ratio_one_worker": one["samples_per_s"] / plain, "ratio_two_workers": two["samples_per_s"] / plain,
+        "checkpoint": ckpt}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
