@@ -4,21 +4,22 @@
 (+ max pool) -> [4 paths] conv 1x1 32, FC 128, FC 64, one classifier head per leaf;
 routers with FC 128 and pool strides [2, 1] (at 28x28 input: pooled to 7x7 both
 times, written as adaptive pools so other input sizes work). "tiny" halves
-every width. Each block: conv, batch norm, ReLU (BN is our choice; the paper's
-code uses it in its LeNet blocks).
+every width; "base" doubles the routed layers' widths (the shared first layer
+stays). Each block: conv, batch norm (our choice), ReLU, 2x2 max pool.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..cigt import CIGT, CIGTConfig, CIGTRouter
+from ..cigt import CIGT, CIGTConfig, CIGTRouter, GridPool, MaxPool2x2
 from .registry import register_model
 
 # conv channels per layer, leaf FC widths, router hidden width
 SIZES = {
     "tiny": {"channels": (16, 16, 16), "fc": (64, 32), "router_hidden": 64},
     "small": {"channels": (32, 32, 32), "fc": (128, 64), "router_hidden": 128},
+    "base": {"channels": (32, 64, 64), "fc": (256, 128), "router_hidden": 128},
 }
 _LEAF_POOL = 7  # the leaf conv sees a 7x7 map at 28x28 input (two 2x2 max pools)
 _ROUTER_POOL = (7, 7)  # AvgPool stride 2 on 14x14, stride 1 on 7x7
@@ -35,13 +36,13 @@ def _norm(channels: int, norm: str) -> nn.Module:
 def _conv_block(c_in: int, c_out: int, kernel: int, norm: str, pool: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), _norm(c_out, norm), nn.ReLU()]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(MaxPool2x2())
     return nn.Sequential(*layers)
 
 
 def _leaf(c_in: int, c: int, fc: tuple[int, int], num_classes: int, norm: str, dropout: float) -> nn.Sequential:
     return nn.Sequential(
-        _conv_block(c_in, c, 1, norm, pool=False), nn.AdaptiveAvgPool2d(_LEAF_POOL), nn.Flatten(),
+        _conv_block(c_in, c, 1, norm, pool=False), GridPool(_LEAF_POOL), nn.Flatten(),
         nn.Linear(c * _LEAF_POOL * _LEAF_POOL, fc[0]), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(fc[0], fc[1]), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(fc[1], num_classes),
