@@ -41,6 +41,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/routing.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/hard_routing.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
