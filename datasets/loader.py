@@ -29,7 +29,9 @@ class StreamingLoader:
         remainder: ``drop`` the samples that cannot fill a whole global batch at the end of an
             epoch, ``carry`` them to the front of the next epoch, or ``pad`` the last global
             batch (``Batch.valid`` False on the padding): every sample read once, for evaluation.
-        shuffle: shuffle shard order and samples within shards (off: manifest order).
+        shuffle: shuffle the shard order and the samples (off: manifest order).
+        mix_shards: shards whose samples are shuffled together (a batch mixes this many shards,
+            so class-sorted shards still give mixed batches; a worker holds their samples at once).
         mean, std: per-channel normalisation (default: the manifest's train statistics, else 0.5).
         mp_context: multiprocessing start method of the loader workers (default: torch's).
 
@@ -41,7 +43,8 @@ class StreamingLoader:
 
     def __init__(self, source: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, augment: bool = False, remainder: str = "drop",
-                 shuffle: bool = True, mean: list[float] | None = None, std: list[float] | None = None,
+                 shuffle: bool = True, mix_shards: int = 4, mean: list[float] | None = None,
+                 std: list[float] | None = None,
                  prefetch_factor: int = 2, mp_context: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -53,9 +56,12 @@ class StreamingLoader:
             raise ValueError(f"remainder must be one of {REMAINDER_MODES}, got {remainder!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if mix_shards < 1:
+            raise ValueError(f"mix_shards must be >= 1, got {mix_shards}")
         self.source, self.split = str(source), split
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.seed, self.augment, self.remainder, self.shuffle = seed, augment, remainder, shuffle
+        self.mix_shards = mix_shards
         self.prefetch_factor, self.mp_context = prefetch_factor, mp_context
         self.shards, self.meta = resolve_shards(source, split)
         self.num_samples = sum(s.samples for s in self.shards)
@@ -110,7 +116,8 @@ class StreamingLoader:
     def state_dict(self) -> dict:
         """The reader position in global samples: small, JSON-serialisable, topology-independent."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "carry": self.carry,
-                "seed": self.seed, "num_samples": self.num_samples, "shuffle": self.shuffle}
+                "seed": self.seed, "num_samples": self.num_samples, "shuffle": self.shuffle,
+                "mix_shards": self.mix_shards}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`state_dict`, possibly of another topology)."""
@@ -121,9 +128,10 @@ class StreamingLoader:
             raise ValueError(f"reader state version {state['version']} unsupported (expected {STATE_VERSION})")
         if state["num_samples"] != self.num_samples:
             raise ValueError(f"reader state is for {state['num_samples']} samples, this split has {self.num_samples}")
-        if state["seed"] != self.seed or state.get("shuffle", True) != self.shuffle:
-            raise ValueError(f"reader state has seed={state['seed']} shuffle={state.get('shuffle', True)}, "
-                             f"this loader seed={self.seed} shuffle={self.shuffle}")
+        theirs = (state["seed"], state.get("shuffle", True), state.get("mix_shards", self.mix_shards))
+        if theirs != (self.seed, self.shuffle, self.mix_shards):
+            raise ValueError(f"reader state has (seed, shuffle, mix_shards)={theirs}, this loader "
+                             f"{(self.seed, self.shuffle, self.mix_shards)}: the epoch order would differ")
         length = state["carry"] + self.num_samples
         if not 0 <= state["position"] <= length or not 0 <= state["carry"] <= self.num_samples:
             raise ValueError(f"reader state position {state['position']} / carry {state['carry']} out of range")
@@ -133,7 +141,7 @@ class StreamingLoader:
         m = self.meta
         return _EpochStream(self.shards, seed=self.seed, epoch=self.epoch, carry=self.carry, position=self.position,
                             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-                            shuffle=self.shuffle, augment=self.augment, hflip=bool(m.get("hflip", False)),
+                            shuffle=self.shuffle, mix_shards=self.mix_shards, augment=self.augment, hflip=bool(m.get("hflip", False)),
                             pad=self.remainder == "pad",
                             channels=int(m["channels"]), height=int(m["height"]), width=int(m["width"]),
                             mean=self.mean, std=self.std)

@@ -123,11 +123,11 @@ class _EpochStream(IterableDataset):
     """The batches of one rank for one epoch from one start position (a picklable snapshot)."""
 
     def __init__(self, shards: list[ShardRef], *, seed: int, epoch: int, carry: int, position: int, rank: int,
-                 world_size: int, batch_size: int, shuffle: bool, augment: bool, hflip: bool, pad: bool,
+                 world_size: int, batch_size: int, shuffle: bool, mix_shards: int, augment: bool, hflip: bool, pad: bool,
                  channels: int, height: int, width: int, mean: list[float], std: list[float]) -> None:
         self.shards, self.seed, self.epoch, self.carry, self.position = shards, seed, epoch, carry, position
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.shuffle, self.augment, self.hflip, self.pad = shuffle, augment, hflip, pad
+        self.shuffle, self.mix_shards, self.augment, self.hflip, self.pad = shuffle, mix_shards, augment, hflip, pad
         self.channels, self.height, self.width = channels, height, width
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -137,7 +137,8 @@ class _EpochStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        seq_s, seq_i = epoch_sequence([s.samples for s in self.shards], self.seed, self.epoch, self.carry, self.shuffle)
+        seq_s, seq_i = epoch_sequence([s.samples for s in self.shards], self.seed, self.epoch, self.carry,
+                                      self.shuffle, self.mix_shards)
         my_steps = range(wid, self.steps, nw)
         pos = {t: rank_positions(self.position, t, self.rank, self.world_size, self.batch_size) for t in my_steps}
         pos = {t: p[p < self.length] for t, p in pos.items()}  # beyond the end: padding (remainder="pad")

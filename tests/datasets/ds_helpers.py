@@ -25,7 +25,7 @@ def expected_keys(loader: StreamingLoader) -> list[str]:
 
     names = [{i: k for i, (k, _) in read_shard(s.url).samples.items()} for s in loader.shards]
     seq_s, seq_i = epoch_sequence([s.samples for s in loader.shards], loader.seed, loader.epoch, loader.carry,
-                                  loader.shuffle)
+                                  loader.shuffle, loader.mix_shards)
     return [names[s][i] for s, i in zip(seq_s.tolist(), seq_i.tolist())]
 
 

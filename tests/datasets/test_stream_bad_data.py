@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from condmoe.datasets import StreamingLoader, verify_shards
-from condmoe.datasets.plan import epoch_sequence
+from condmoe.datasets.plan import epoch_sequence, shard_order
 from condmoe.datasets.shardio import BadSample, decode_sample, read_shard
 
 B, W, SEED = 16, 2, 11
@@ -30,9 +30,9 @@ def _rewrite(path: Path, change) -> None:
 
 
 def _first_shard(folder: Path) -> tuple[Path, int]:
-    """The shard read first in epoch 0 (its loss empties whole batches: the look-ahead top-up path)."""
+    """The shard read first in epoch 0 (with mix_shards=1 its loss empties whole batches: the look-ahead path)."""
     ld = StreamingLoader(folder, "train", B, world_size=W, seed=SEED)
-    s = int(epoch_sequence([x.samples for x in ld.shards], SEED, 0)[0][0])
+    s = int(shard_order(len(ld.shards), SEED, 0)[0])
     return folder / ld.shards[s].name, s
 
 
@@ -52,10 +52,10 @@ def _damage(kind: str, path: Path) -> None:
         _rewrite(path, lambda n, d: d[:20] + b"garbage" * 3 if n.split(".")[0] in victims and n.endswith(".png") else d)
 
 
-def _expected_bad(folder: Path, s: int, kind: str, readable: dict) -> int:
+def _expected_bad(folder: Path, s: int, kind: str, readable: dict, mix: int) -> int:
     """How many of the epoch's consumed positions fall on samples of shard ``s`` that this damage spoils."""
-    ld = StreamingLoader(folder, "train", B, world_size=W, seed=SEED)
-    seq_s, seq_i = epoch_sequence([x.samples for x in ld.shards], SEED, 0)
+    ld = StreamingLoader(folder, "train", B, world_size=W, seed=SEED, mix_shards=mix)
+    seq_s, seq_i = epoch_sequence([x.samples for x in ld.shards], SEED, 0, mix_shards=mix)
     used = len(ld) * B * W
     consumed = [int(i) for sh, i in zip(seq_s[:used], seq_i[:used]) if sh == s]
     good = {i for i, (_, parts) in readable.items() if _decodes(parts)}
@@ -71,19 +71,21 @@ def _decodes(parts: dict) -> bool:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind, num_workers", [
-    ("truncated_tar", 0), ("unreadable_tar", 0), ("missing_shard", 2), ("missing_label", 0), ("bad_image", 1),
+@pytest.mark.parametrize("kind, num_workers, mix", [
+    ("truncated_tar", 0, 4), ("unreadable_tar", 0, 1), ("missing_shard", 2, 1), ("missing_shard", 0, 4),
+    ("missing_label", 0, 4), ("bad_image", 1, 4),
 ])
-def test_bad_data_is_skipped_counted_and_topped_up(digits_copy, kind, num_workers, caplog):
+def test_bad_data_is_skipped_counted_and_topped_up(digits_copy, kind, num_workers, mix, caplog):
     path, s = _first_shard(digits_copy)
     _damage(kind, path)
     readable = read_shard(str(path)).samples if path.exists() else {}
-    expected = _expected_bad(digits_copy, s, kind, readable)
+    expected = _expected_bad(digits_copy, s, kind, readable, mix)
     assert expected > 0
 
     totals, keys, steps = Counter(), [], []
     for r in range(W):
-        ld = StreamingLoader(digits_copy, "train", B, rank=r, world_size=W, seed=SEED, num_workers=num_workers)
+        ld = StreamingLoader(digits_copy, "train", B, rank=r, world_size=W, seed=SEED, num_workers=num_workers,
+                             mix_shards=mix)
         n = 0
         for batch in ld:
             assert len(batch.keys) == B and batch.images.shape[0] == B and batch.labels.shape == (B,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from ds_helpers import expected_keys, read_epoch
 
@@ -107,3 +108,24 @@ def test_too_large_batch_and_unknown_split_are_errors(digits_dir, tmp_path):
         StreamingLoader(digits_dir, "val", 100, world_size=2)
     with pytest.raises(ValueError, match="split 'dev' has no shards"):
         StreamingLoader(digits_dir, "dev", 8)
+
+
+def test_mix_shards_mixes_class_sorted_shards(tmp_path):
+    import webdataset as wds
+
+    from condmoe.datasets.idx import load_digits_images
+
+    x, y = load_digits_images(limit=800)
+    order = np.argsort(y, kind="stable")  # class-sorted: each shard of 50 holds one or two classes
+    with wds.ShardWriter(str(tmp_path / "sorted-%06d.tar"), maxcount=50, verbose=0) as sink:
+        for i in order:
+            sink.write({"__key__": f"s{i:05d}", "png": x[i], "cls": int(y[i])})
+    pattern = str(tmp_path / "sorted-{000000..000015}.tar")
+
+    def classes_per_batch(mix: int) -> float:
+        ld = StreamingLoader(pattern, "train", 20, seed=3, mix_shards=mix)
+        return float(np.mean([len(set(b.labels.tolist())) for b in ld]))
+
+    assert classes_per_batch(1) < 2.1 and classes_per_batch(4) > 3.0
+    with pytest.raises(ValueError, match="mix_shards must be >= 1, got 0"):
+        StreamingLoader(pattern, "train", 20, mix_shards=0)
