@@ -149,5 +149,16 @@ def engine_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
             engine.step()
             losses.append(float(out.loss))
         params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-        results[name] = {"losses": losses, "params": params}
+        # DeepSpeed's MoE checkpoint layout (one file per global expert) round-trips our experts
+        ckpt = Path(workdir) / f"ckpt_{name}"
+        engine.save_checkpoint(str(ckpt), tag="t")
+        torch.manual_seed(1)
+        fresh = build_model(name, "tiny", experts=4, ep_size=world_size, **opts)
+        fresh_groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": [p for p in fresh.parameters() if p.requires_grad], "name": "params"})
+        engine2, _, _, _ = deepspeed.initialize(model=fresh, optimizer=torch.optim.SGD(fresh_groups, lr=0.05),
+                                                config=config)
+        engine2.load_checkpoint(str(ckpt), tag="t", load_optimizer_states=False)
+        restored = all(torch.equal(p, params[n]) for n, p in engine2.module.named_parameters())
+        results[name] = {"losses": losses, "params": params, "restored": restored}
     torch.save(results, Path(workdir) / f"engine_rank{rank}.pt")

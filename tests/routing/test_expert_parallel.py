@@ -142,13 +142,15 @@ def test_coe_ep2_matches_ep1(tmp_path):
 
 
 def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
-    """DeepSpeed recognises our expert params: shared params stay in sync across ranks, experts differ."""
+    """DeepSpeed recognises our expert params: shared params stay in sync across ranks, experts differ,
+    and DeepSpeed's per-expert checkpoint files restore them."""
     from expert_parallel_workers import engine_worker
 
     run_ranks(engine_worker, (str(tmp_path),), WORLD, timeout=240)
     ranks = [torch.load(tmp_path / f"engine_rank{r}.pt") for r in range(WORLD)]
     for name in ("topk_moe_cnn", "coe_cnn"):
         for r in ranks:
+            assert r[name]["restored"], name  # save_checkpoint / load_checkpoint round trip
             losses = r[name]["losses"]
             assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], (name, losses)
         p0, p1 = ranks[0][name]["params"], ranks[1][name]["params"]
