@@ -227,7 +227,17 @@ def _make_class() -> type:
 
 @functools.cache
 def _expert_class() -> type:
-    return _make_class()
+    cls = _make_class()
+    # a module-level name (served by __getattr__ below), so models pickle by reference
+    cls.__name__ = cls.__qualname__ = "_ExpertParallelExperts"
+    cls.__module__ = __name__
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "_ExpertParallelExperts":
+        return _expert_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ExpertParallelExperts(make_expert: Callable[[], nn.Module], num_experts: int, *, out_shape: tuple[int, ...],

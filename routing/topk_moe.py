@@ -51,7 +51,16 @@ def _idempotent_moe_class() -> type:
                 return
             super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
+    # a module-level name (served by __getattr__ below), so models pickle by reference
+    IdempotentMoE.__name__ = IdempotentMoE.__qualname__ = "_IdempotentMoE"
+    IdempotentMoE.__module__ = __name__
     return IdempotentMoE
+
+
+def __getattr__(name: str):
+    if name == "_IdempotentMoE":
+        return _idempotent_moe_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ImageExpert(nn.Module):

@@ -169,3 +169,15 @@ def test_registered_sizes_build_and_return_model_output():
     # other input sizes work (adaptive pooling to the 7x7 token grid)
     out = build_model("topk_moe_cnn", "tiny", experts=2, in_channels=3)(torch.randn(4, 3, 20, 20))
     assert out.logits.shape == (4, 10)
+
+
+@pytest.mark.parametrize("name", ["topk_moe_cnn", "coe_cnn", "cigt_lenet"])
+def test_hard_routing_models_pickle(name):
+    """The DeepSpeed-MoE subclasses are created lazily but still pickle by reference (Ray ships objects)."""
+    import pickle
+
+    model = build_model(name, "tiny").eval()
+    clone = pickle.loads(pickle.dumps(model)).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, clone(x).logits)
