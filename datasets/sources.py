@@ -55,13 +55,37 @@ class Source:
     hflip: bool = True
 
 
-def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Seeded permutation of range(n) cut into train/val/test (each part sorted back into source order)."""
-    perm = np.random.default_rng([seed, 0xDA7A]).permutation(n)
-    n_test = int(round(n * test_fraction))
-    n_val = int(round(n * val_fraction))
-    parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
-    return {k: np.sort(v) for k, v in parts.items()}
+def _quotas(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` over classes in proportion to ``sizes`` (largest remainder; ties to the lower class)."""
+    if sizes.sum() == 0:
+        return np.zeros_like(sizes)
+    exact = sizes * (total / sizes.sum())
+    out = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(len(sizes)), -(exact - out)))
+    out[order[: total - out.sum()]] += 1
+    return out
+
+
+def _split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded, class-stratified cut of range(len(labels)) into train/val/test (each part in source order).
+
+    Split sizes are round(n * fraction); each class gives its proportional share.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    classes = np.unique(labels)
+    sizes = np.array([(labels == c).sum() for c in classes], dtype=np.int64)
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    q_test = _quotas(sizes, n_test)
+    q_val = _quotas(sizes - q_test, n_val)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c, qt, qv in zip(classes, q_test, q_val):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.default_rng([seed, 0xDA7A, int(c)]).permutation(len(idx))]
+        parts["test"].append(idx[:qt])
+        parts["val"].append(idx[qt : qt + qv])
+        parts["train"].append(idx[qt + qv :])
+    return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in parts.items()}
 
 
 def _array_split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, prefix: str, shuffle_seed: int | None) -> SplitSource:
@@ -83,7 +107,7 @@ def fashion_mnist_source(root: str | Path, *, val_fraction: float, seed: int, li
     """Fashion-MNIST: train -> train + val (seeded), test -> test. Keys ``train_00012345`` name the source index."""
     tr_x, tr_y = load_fashion_mnist("train", root=root, limit=limit)
     te_x, te_y = load_fashion_mnist("test", root=root, limit=limit)
-    cut = _split_indices(len(tr_x), val_fraction, 0.0, seed)
+    cut = _split_indices(tr_y, val_fraction, 0.0, seed)
     src = Source("fashion_mnist", FASHION_MNIST_CLASSES, 1, 28, 28, hflip=True)
     src.splits["train"] = _array_split(tr_x, tr_y, cut["train"], "train", seed)
     src.splits["val"] = _array_split(tr_x, tr_y, cut["val"], "train", None)
@@ -94,7 +118,7 @@ def fashion_mnist_source(root: str | Path, *, val_fraction: float, seed: int, li
 def digits_source(*, val_fraction: float, test_fraction: float, seed: int, limit: int | None) -> Source:
     """scikit-learn digits (8x8, 10 classes) split three ways; keys ``digits_00000042``."""
     x, y = load_digits_images(limit=limit)
-    cut = _split_indices(len(x), val_fraction, test_fraction, seed)
+    cut = _split_indices(y, val_fraction, test_fraction, seed)
     src = Source("digits", tuple(str(d) for d in range(10)), 1, 8, 8, hflip=False)
     for split in SPLITS:
         src.splits[split] = _array_split(x, y, cut[split], "digits", seed if split == "train" else None)
@@ -139,7 +163,7 @@ def imagefolder_source(
     lists = {s: files_of(d) for s, d in split_dirs.items()}
     if not lists:
         everything = files_of(root)
-        cut = _split_indices(len(everything), val_fraction, test_fraction, seed)
+        cut = _split_indices(np.array([lbl for _, lbl in everything]), val_fraction, test_fraction, seed)
         lists = {s: [everything[i] for i in cut[s]] for s in SPLITS}
     first = next((fl[0][0] for fl in lists.values() if fl), None)
     if first is None:

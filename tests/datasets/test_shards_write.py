@@ -58,6 +58,11 @@ def test_digits_round_trip_and_manifest(digits_dir):
         assert label == y[i]
         np.testing.assert_array_equal(img[:, :, 0], x[i])
     man = read_manifest(digits_dir)
+    # val and test are class-stratified: each class gives its share (within one sample)
+    every = np.bincount(y, minlength=10)
+    for split, frac in (("val", 0.1), ("test", 0.2)):
+        counts = np.sum([r.class_counts for r in man.split(split)], axis=0)
+        assert np.all(np.abs(counts - frac * every) <= 1.5), (split, counts)
     train = man.split("train")
     assert [r.samples for r in train] == [100] * 12 + [58]
     assert [r.shard for r in train] == [f"train-{i:06d}.tar" for i in range(13)]
