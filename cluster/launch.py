@@ -102,6 +102,10 @@ def train_worker(config: dict) -> None:
         resume = ray_ckpt.path  # after a restart; the run's own newest checkpoint still wins
 
     def report(metrics: dict, path: Path | None) -> None:
+        # ray.train.report is a barrier through the controller (~seconds on a busy CPU), so only
+        # checkpoint events go to Ray Train; every log line is in metrics.jsonl and the log
+        if "checkpoint_step" not in metrics:
+            return
         flat = {k: v for k, v in _flatten(metrics).items() if not isinstance(v, list)}
         ckpt = None
         if path is not None and Path(path).is_relative_to(cfg.run_dir):

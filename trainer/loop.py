@@ -294,6 +294,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         path = _save(step) if do_ckpt else None
         if path is not None:
             result.checkpoint = path
+            metrics["checkpoint_step"] = step  # on every rank (only rank 0 gets the path)
         _report(metrics, path)
     result.routing = {n: s.as_dict() for n, s in allreduce_stats(interval_totals()).items()}
     if keys_file is not None:
