@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,12 @@ def test_config_job_trains_with_two_workers(job, fmnist_shards, ray_local, tmp_p
     meta = read_meta(ckpts[-1])
     assert meta["world_size"] == 2 and meta["data"]["loader"]["position"] > 0
     assert meta["routing"], "routing-stat totals missing from the checkpoint"
+    if job == "coe":  # condmoe eval on one process re-shards the ep 2 checkpoint to ep 1
+        p = subprocess.run([str(Path(sys.executable).parent / "condmoe"), "eval", str(cfg.run_dir), "--json",
+                            "--max-batches", "2"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        ev = json.loads(p.stdout.strip().splitlines()[-1])
+        assert ev["step"] == steps and ev["eval_samples"] == 2 * cfg.data.eval_batch_size
+        assert 0.0 <= ev["eval_accuracy"] <= 1.0 and ev["eval_macs_per_sample"] > 0
+        assert 0.0 <= ev["eval_exit_rate"] <= 1.0
