@@ -7,67 +7,13 @@ Parquet log must sum to the same numbers.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
-from condmoe.cluster.launch import launch
-from condmoe.cluster.metrics import start_job_exporter
 from condmoe.cluster.parquet_log import read_routing, read_train, routing_totals
 from condmoe.trainer.checkpoint import list_checkpoints, read_meta
-from condmoe.trainer.config import load_job
+from conftest import JOB_STEPS as STEPS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def scraped_job(fmnist_shards, ray_local, tmp_path_factory):
-    """Run topk_moe (hard routing, ep_size 2) on 2 workers while Prometheus scrapes its exporter."""
-    import ray
-
-    from conftest import PROMETHEUS, free_port
-    from prom_server import PrometheusServer
-
-    tmp = tmp_path_factory.mktemp("job")
-    cfg = load_job(CONFIGS / "topk_moe.yaml", [
-        f"data.path={fmnist_shards}", "model.size=tiny", f"optim.steps={STEPS}", "optim.warmup_steps=0",
-        "optim.schedule=constant", "data.batch_size=32", "data.eval_batch_size=128", "checkpoint.every=4",
-        "metrics.log_every=1", "metrics.eval_batches=1", f"cluster.storage_path={tmp}",
-        "cluster.workers=2", "cluster.name=promjob", "metrics.prometheus.port=0"])
-    exporter = start_job_exporter(cfg)  # launch() finds and reuses it, so it outlives the run here
-    assert exporter.actor is not None and exporter.url.startswith("http://127.0.0.1:")
-    port = int(exporter.url.split(":")[2].split("/")[0])
-    prom = PrometheusServer(PROMETHEUS, tmp / "prom", [f"127.0.0.1:{port}"], free_port(), "500ms")
-    try:
-        prom.start()
-        t0 = time.monotonic()
-        res = launch(cfg)
-        seconds = time.monotonic() - t0
-        assert res.error is None, res.error
-        # the final update reached the exporter before launch returned; wait for Prometheus to see it
-        prom.wait_for(f'condmoe_train_last_step{{job="{cfg.run_name}"}}',
-                      lambda r: r and float(r[0]["value"][1]) == STEPS, timeout=30)
-        queries = {
-            "assignments": prom.query(f'condmoe_expert_assignments_total{{job="{cfg.run_name}"}}'),
-            "samples": prom.query(f'condmoe_layer_routed_samples_total{{job="{cfg.run_name}"}}'),
-            "dropped": prom.query(f'condmoe_layer_dropped_total{{job="{cfg.run_name}"}}'),
-            "steps": prom.query(f'condmoe_train_steps_total{{job="{cfg.run_name}"}}'),
-            "train_samples": prom.query(f'condmoe_train_samples_total{{job="{cfg.run_name}"}}'),
-            "step_count": prom.query(f'condmoe_train_step_duration_seconds_count{{job="{cfg.run_name}"}}'),
-            "wait_count": prom.query(f'condmoe_data_wait_seconds_count{{job="{cfg.run_name}"}}'),
-            "ckpt_count": prom.query(f'condmoe_checkpoint_duration_seconds_count{{job="{cfg.run_name}"}}'),
-            "restarts": prom.query(f'condmoe_worker_restarts_total{{job="{cfg.run_name}"}}'),
-            "up": prom.query('up{job="condmoe"}'),
-        }
-        exposition = ray.get(exporter.actor.exposition.remote(), timeout=30)
-        yield {"cfg": cfg, "res": res, "q": queries, "exposition": exposition, "seconds": seconds}
-    finally:
-        prom.stop()
-        exporter.stop(final_scrape_timeout_s=0)
 
 
 def _by_layer_expert(result: list[dict]) -> dict[tuple[str, int], float]:
@@ -115,3 +61,38 @@ def test_parquet_log_matches_the_job(scraped_job):
     assert train.column("step").to_pylist() == list(range(1, STEPS + 1))
     assert all(v is not None and v > 0 for v in train.column("loss").to_pylist())
     assert train.column("eval_accuracy").to_pylist()[-1] is not None
+
+
+def test_condmoe_experts_on_the_finished_run_and_its_exporter(scraped_job, capsys):
+    from condmoe.cluster.cli import main
+
+    cfg = scraped_job["cfg"]
+    totals = read_meta(list_checkpoints(cfg.checkpoint_dir)[-1])["routing"]
+    assert main(["experts", str(cfg.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"step {STEPS}" in out and all(layer in out for layer in totals)
+    imbalance = {n: s.imbalance for n, s in routing_totals(cfg.run_dir).items()}
+    assert all(f"{v:.2f}" in out for v in imbalance.values())
+    assert main(["experts", scraped_job["url"], "--job", cfg.run_name]) == 0
+    live = capsys.readouterr().out
+    assert f"step {STEPS}" in live and all(f"{v:.2f}" in live for v in imbalance.values())
+
+
+def test_condmoe_report_writes_nonempty_pngs(scraped_job, capsys, tmp_path):
+    from PIL import Image
+
+    from condmoe.cluster.cli import main
+
+    cfg = scraped_job["cfg"]
+    assert main(["report", str(cfg.run_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"steps: {STEPS}" in out and "eval accuracy" in out and "imbalance" in out
+    names = {"expert_load.png", "imbalance.png", "entropy.png", "loss.png", "accuracy.png"}
+    assert {p.name for p in tmp_path.glob("*.png")} == names
+    for name in names:
+        path = tmp_path / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            assert im.width > 100 and im.height > 100
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 50, f"{name} is a blank image"

@@ -1,0 +1,65 @@
+"""No Ray: rank 0 of a plain train() serves the exporter; a real Prometheus scrapes it.
+
+Hard routing with early exits (coe_cnn): per-expert assignments and early exits in Prometheus
+equal the job's own totals; a missing shard shows up as skipped bad samples by reason; ``promtool check metrics``
+finds no problem in the live exposition; every metric the Grafana dashboard queries exists in it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import LOCAL_STEPS as STEPS
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def test_exporter_url_logged_and_bound_to_loopback(local_job):
+    url = local_job["result"]["url"]
+    assert url.startswith("http://127.0.0.1:")
+    assert f"Prometheus exporter for job localjob: {url}" in local_job["log"]
+
+
+def test_hard_routing_counts_in_prometheus_equal_the_jobs_totals(local_job):
+    routing, q = local_job["result"]["routing"], local_job["q"]
+    assert routing and all(d["kind"] == "hard" for d in routing.values())
+    got = {(r["metric"]["layer"], int(r["metric"]["expert"])): float(r["value"][1]) for r in q["assignments"]}
+    want = {(layer, e): v for layer, d in routing.items() for e, v in enumerate(d["load"])}
+    assert got == want and sum(want.values()) > 0
+    exits = {r["metric"]["layer"]: float(r["value"][1]) for r in q["exits"]}
+    assert exits == {layer: d["early_exits"] for layer, d in routing.items()}
+    assert float(q["steps"][0]["value"][1]) == STEPS
+
+
+def test_missing_shard_counted_as_bad_samples_by_reason(local_job):
+    bad = {r["metric"]["reason"]: float(r["value"][1]) for r in local_job["q"]["bad"]}
+    assert bad.get("missing_shard", 0) > 0, bad
+
+
+def test_promtool_finds_no_problem(local_job):
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    proc = subprocess.run([promtool, "check", "metrics"], input=local_job["exposition"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+
+
+def test_every_dashboard_metric_is_exposed(local_job):
+    names = {s.name for fam in text_string_to_metric_families(local_job["exposition"]) for s in fam.samples}
+    dashboard = json.loads((ROOT / "deploy/grafana/condmoe-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 10
+    queried = {m for e in exprs for m in re.findall(r"\bcondmoe_[a-z0-9_]+", e)}
+    missing = sorted(queried - names)
+    assert not missing, f"dashboard queries metrics the exporter does not expose: {missing}"
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job"} <= variables
+    for v in dashboard["templating"]["list"]:
+        if v["type"] == "query":
+            assert set(re.findall(r"\bcondmoe_[a-z0-9_]+", json.dumps(v["query"]))) <= names
