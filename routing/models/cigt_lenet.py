@@ -52,9 +52,13 @@ def _leaf(c_in: int, c: int, fc: tuple[int, int], num_classes: int, norm: str, d
 @register_model("cigt_lenet", tuple(SIZES))
 def cigt_lenet(size: str, *, num_classes: int = 10, in_channels: int = 1, experts: int | None = None,
                paths: tuple[int, ...] | None = None, norm: str = "batch", dropout: float = 0.0,
-               router_dropout: float = 0.5, **cigt_options) -> CIGT:
+               router_dropout: float = 0.5, ep_size: int = 1, **cigt_options) -> CIGT:
     """experts: number of leaf paths (default 4: paths (1, 2, 4)); paths: the whole trellis, e.g. (1, 2, 4)
-    or (1, 4) (the last layer is the leaf layer, the first must be 1). Other options are CIGTConfig fields."""
+    or (1, 4) (the last layer is the leaf layer, the first must be 1). ep_size: accepted for a uniform
+    interface; must be 1 (CIGT's paths are small blocks trained data-parallel, not spread experts).
+    Other options are CIGTConfig fields."""
+    if ep_size != 1:
+        raise ValueError(f"cigt_lenet does not use expert parallelism: ep_size must be 1, got {ep_size}")
     if paths is None:
         leaves = 4 if experts is None else int(experts)
         paths = (1, max(1, leaves // 2), leaves)

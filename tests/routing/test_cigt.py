@@ -156,6 +156,8 @@ def test_trellis_is_configurable_and_validated():
         CIGTConfig(paths=(2, 4))
     with pytest.raises(ValueError, match="execution must be"):
         CIGTConfig(execution="sparse")
+    with pytest.raises(ValueError, match="ep_size must be 1, got 2"):
+        build_model("cigt_lenet", "tiny", ep_size=2)
     with pytest.raises(ValueError, match="experts=3 must equal"):
         build_model("cigt_lenet", "tiny", experts=3, paths=(1, 2, 4))
     out = run_routed(build_model("cigt_lenet", "tiny").layers[1], torch.randn(6, 16, 14, 14),

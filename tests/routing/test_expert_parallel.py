@@ -148,9 +148,12 @@ def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
 
     run_ranks(engine_worker, (str(tmp_path),), WORLD, timeout=240)
     ranks = [torch.load(tmp_path / f"engine_rank{r}.pt") for r in range(WORLD)]
+    # one file per global CoE expert, written by the rank that holds it
+    expert_files = sorted(p.name for p in (tmp_path / "ckpt_coe_cnn" / "t").glob("*expert_*"))
+    assert len(expert_files) == 4 and all(f"expert_{g}_" in " ".join(expert_files) for g in range(4)), expert_files
     for name in ("topk_moe_cnn", "coe_cnn"):
         for r in ranks:
-            assert r[name]["restored"], name  # save_checkpoint / load_checkpoint round trip
+            assert r[name]["restored"] in ((True,) if name == "coe_cnn" else (None,)), name  # checkpoint round trip
             losses = r[name]["losses"]
             assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], (name, losses)
         p0, p1 = ranks[0][name]["params"], ranks[1][name]["params"]
