@@ -92,8 +92,8 @@ class MaxPool2x2(nn.Module):
     """2x2 max pooling, stride 2: the max of four strided views when H and W are even.
 
     Same values as nn.MaxPool2d(2) (ties share the gradient instead of going to one
-    element); on CPU the default NCHW max_pool2d kernel measured ~15x slower here,
-    as slow as the convolutions around it.
+    element). On CPU (torch 2.13, one thread, (128, 32, 28, 28)) F.max_pool2d took
+    14 ms, this 1.5 ms: the pooling had cost as much as the convolutions around it.
     """
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
