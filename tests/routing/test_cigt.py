@@ -163,3 +163,16 @@ def test_trellis_is_configurable_and_validated():
     out = run_routed(build_model("cigt_lenet", "tiny").layers[1], torch.randn(6, 16, 14, 14),
                      torch.tensor([0, 1, 1, 0, 1, 1]))
     assert out.shape == (6, 16, 7, 7)
+
+
+def test_fast_pools_equal_torch_pools():
+    import torch.nn.functional as F
+
+    from condmoe.routing.cigt import GridPool, MaxPool2x2
+
+    for shape in ((3, 4, 14, 14), (2, 3, 7, 7), (2, 3, 9, 12)):
+        x = torch.randn(*shape)
+        assert torch.allclose(GridPool(7)(x), F.adaptive_avg_pool2d(x, 7), atol=1e-6)
+    for shape in ((3, 4, 28, 28), (2, 3, 7, 9)):
+        x = torch.randn(*shape)
+        assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
