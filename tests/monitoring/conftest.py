@@ -1,6 +1,7 @@
 """Fixtures for the monitoring tests: real Fashion-MNIST shards, real jobs, a real Prometheus server.
 
-Two jobs run once per session and are shared by the test files:
+Shared once per session by the test files:
+- ``soft_updates``: routing stats of a real CondConv network on Fashion-MNIST batches (soft routing);
 - ``scraped_job``: a 2-worker topk_moe job on embedded Ray (hard routing, the exporter actor);
 - ``local_job``: a one-process coe_cnn job without Ray (hard routing with early exits, rank 0's
   own exporter).
@@ -59,6 +60,32 @@ def prometheus(tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+@pytest.fixture(scope="session")
+def soft_updates():
+    """Three updates of condconv_cnn/tiny (8 experts) routing stats over real Fashion-MNIST batches."""
+    import torch
+
+    from condmoe.datasets.idx import load_default_images
+    from condmoe.routing import accumulate_stats, build_model, collect_routing_stats
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    images, labels, _ = load_default_images("train", limit=192)
+    x = torch.from_numpy(images.copy()).float().div(255).sub(0.286).div(0.353).unsqueeze(1)
+    y = torch.from_numpy(labels)
+    model = build_model("condconv_cnn", "tiny", experts=8)
+    updates, totals = [], {}
+    with torch.no_grad():
+        for i in range(3):
+            model(x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64])
+            stats = collect_routing_stats(model)
+            totals = accumulate_stats(totals, stats)
+            updates.append({"step": i + 1, "steps": 1, "samples": 64, "loss": 2.0 - 0.1 * i,
+                            "routing": {n: s.as_dict() for n, s in stats.items()},
+                            "step_seconds": [0.05], "data_wait_seconds": [0.001, 0.002]})
+    return updates, totals, stats
 
 
 @pytest.fixture(scope="session")

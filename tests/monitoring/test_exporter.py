@@ -7,37 +7,13 @@ imbalance/entropy gauges equal RoutingStats' properties; ``condmoe experts URL``
 from __future__ import annotations
 
 import pytest
-import torch
 
 from condmoe.cluster.cli import main
 from condmoe.cluster.metrics import JobMetrics, MetricsExporter, parse_exposition
-from condmoe.datasets.idx import load_default_images
-from condmoe.routing import accumulate_stats, build_model, collect_routing_stats
 
 from conftest import free_port
 
 pytestmark = [pytest.mark.timeout(120)]
-
-
-@pytest.fixture(scope="module")
-def soft_updates():
-    """Three updates of condconv_cnn/tiny (8 experts) routing stats over real Fashion-MNIST batches."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    images, labels, _ = load_default_images("train", limit=192)
-    x = torch.from_numpy(images.copy()).float().div(255).sub(0.286).div(0.353).unsqueeze(1)
-    y = torch.from_numpy(labels)
-    model = build_model("condconv_cnn", "tiny", experts=8)
-    updates, totals = [], {}
-    with torch.no_grad():
-        for i in range(3):
-            model(x[i * 64:(i + 1) * 64], y[i * 64:(i + 1) * 64])
-            stats = collect_routing_stats(model)
-            totals = accumulate_stats(totals, stats)
-            updates.append({"step": i + 1, "steps": 1, "samples": 64, "loss": 2.0 - 0.1 * i,
-                            "routing": {n: s.as_dict() for n, s in stats.items()},
-                            "step_seconds": [0.05], "data_wait_seconds": [0.001, 0.002]})
-    return updates, totals, stats
 
 
 def test_prometheus_scrapes_soft_routing_weights(soft_updates, prometheus):

@@ -2,21 +2,17 @@
 
 Hard routing with early exits (coe_cnn): per-expert assignments and early exits in Prometheus
 equal the job's own totals; a missing shard shows up as skipped bad samples by reason; ``promtool check metrics``
-finds no problem in the live exposition; every metric the Grafana dashboard queries exists in it.
+finds no problem in the live exposition.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import subprocess
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LOCAL_STEPS as STEPS
-from conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -48,18 +44,3 @@ def test_promtool_finds_no_problem(local_job):
     proc = subprocess.run([promtool, "check", "metrics"], input=local_job["exposition"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
-
-
-def test_every_dashboard_metric_is_exposed(local_job):
-    names = {s.name for fam in text_string_to_metric_families(local_job["exposition"]) for s in fam.samples}
-    dashboard = json.loads((ROOT / "deploy/grafana/condmoe-dashboard.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    assert len(exprs) >= 10
-    queried = {m for e in exprs for m in re.findall(r"\bcondmoe_[a-z0-9_]+", e)}
-    missing = sorted(queried - names)
-    assert not missing, f"dashboard queries metrics the exporter does not expose: {missing}"
-    variables = {v["name"] for v in dashboard["templating"]["list"]}
-    assert {"datasource", "job"} <= variables
-    for v in dashboard["templating"]["list"]:
-        if v["type"] == "query":
-            assert set(re.findall(r"\bcondmoe_[a-z0-9_]+", json.dumps(v["query"]))) <= names
