@@ -252,7 +252,8 @@ def main() -> None:
     cigt = [bench_cigt(x, size, args.rounds, args.iters) for size in args.cigt_sizes] if "cigt" in args.parts else []
     print(f"\nCIGT cigt_lenet [1, 2, 4], gather/scatter vs dense run-all-paths+mask, forward, batch {args.batch}, "
           "samples/s")
-    print(f"{'size':>6} {'gather':>8} {'dense':>8} {'speed-up':>9} {'MAdds ratio':>12} {'routed layers only':>19}  loads")
+    print(f"{'size':>6} {'gather':>8} {'dense':>8} {'speed-up':>9} {'MAdds ratio':>12} "
+          f"{'routed layers only':>19}  loads")
     for r in cigt:
         print(f"{r['size']:>6} {r['gather_sps']:>8.0f} {r['dense_sps']:>8.0f} {r['speedup']:>8.2f}x "
               f"{r['macs_ratio']:>11.2f}x {r['routed_speedup']:>18.2f}x  "

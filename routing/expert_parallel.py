@@ -53,7 +53,8 @@ def ensure_expert_parallel_group(ep_size: int, use_data_before_expert_parallel_:
 
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        groups._create_expert_and_data_parallel(
+            ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
     return groups._get_expert_parallel_group(name)
 
 
@@ -83,7 +84,8 @@ class _AllToAllV(torch.autograd.Function):
     """all_to_all_single with uneven splits along dim 0; backward sends gradients back."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int],  # type: ignore[override]
+                group) -> torch.Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = x.new_empty((sum(recv), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
