@@ -240,6 +240,16 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
     t_last, samples_last = time.perf_counter(), 0
     first_step_time: float | None = None
     engine.train()
+    if source is not None and result.step >= cfg.optim.steps:
+        # a finished run started again: nothing to train, evaluate what it holds
+        log.warning("run %s is already at step %d of %d (raise optim.steps or pick a new "
+                    "cluster.name to train more)", cfg.run_name, result.step, cfg.optim.steps)
+        metrics = {"step": result.step, "loss": float("nan"), "checkpoint_step": result.step,
+                   **evaluate(engine, eval_loader, max_batches=cfg.metrics.eval_batches,
+                              start_state=eval_start)}
+        result.eval = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+        result.checkpoint = Path(source)
+        _report(metrics, Path(source))
     while result.step < cfg.optim.steps:
         loss_sum = 0.0
         for _ in range(cfg.optim.grad_accum):

@@ -51,6 +51,9 @@ def test_zero_resume_same_and_other_world_size(job_file, tmp_path, fmnist_shards
     same = run_workers(job_file(tiny_job(fmnist_shards, steps=6), "same"), 2, tmp_path / "same.json", resume=ckpt)
     assert same["resumed_from"] == ckpt and sorted(same["losses"]) == [4, 5, 6]
     _close(same["losses"], full["losses"], [4, 5, 6], 1e-5)
+    # started again when already finished: no step is trained, the checkpoint is evaluated
+    again = run_workers(job_file(tiny_job(fmnist_shards, steps=6), "same"), 1, tmp_path / "again.json")
+    assert again["step"] == 6 and again["losses"] == {} and "eval_accuracy" in again["eval"]
     one = run_workers(job_file(_with_keys(tiny_job(fmnist_shards, steps=6)), "one"), 1, tmp_path / "one.json",
                       resume=ckpt)
     _close(one["losses"], full["losses"], [4, 5, 6], 1e-4)
