@@ -162,7 +162,8 @@ class CoE(RoutedModule):
     forward(x: (B, C, H, W), targets: (B,) | None) -> ModelOutput. ``exited`` is
     a (B,) bool tensor at inference when ``exit_threshold`` is set, else None.
     Records RoutingStats: load = samples per selected expert (those that did not
-    exit), early_exits, samples = B; summed over the expert-parallel group.
+    exit), early_exits, samples = B: this rank's in ``last_stats`` (collected by
+    collect_routing_stats), summed over the expert-parallel group in ``last_group_stats``.
     """
 
     def __init__(self, delegator: Delegator, make_expert, config: CoEConfig, *, num_classes: int,
@@ -173,6 +174,7 @@ class CoE(RoutedModule):
         self.delegator = delegator
         self.experts = ExpertParallelExperts(make_expert, config.num_experts, out_shape=(num_classes,),
                                              ep_size=config.ep_size, seed=seed)
+        self.last_group_stats: RoutingStats | None = None
 
     def uncertainty(self, d: DelegatorOutput) -> torch.Tensor:
         """(B,) in [0, 1]: the VCM's estimate of how unreliable the rough prediction is."""
@@ -191,13 +193,18 @@ class CoE(RoutedModule):
         d = self.delegator(x)
         return 1.0 - self.uncertainty(d), d.rough_logits.argmax(-1)
 
-    def _record(self, selected: torch.Tensor, samples: int, exits: int) -> RoutingStats:
+    def _record(self, selected: torch.Tensor, samples: int, exits: int) -> None:
+        """Record this rank's stats (what collect_routing_stats reads; the trainer sums ranks)
+        and, in ``last_group_stats``, their sum over the expert-parallel group."""
         counters = torch.cat([torch.bincount(selected, minlength=self.config.num_experts).double(),
                               torch.tensor([samples, exits], dtype=torch.float64)])
-        counters = self.experts.group_sum(counters)
-        stats = RoutingStats.from_load(counters[:-2], int(counters[-2].item()), early_exits=int(counters[-1].item()))
-        self.record_stats(stats)
-        return stats
+
+        def to_stats(c: torch.Tensor) -> RoutingStats:
+            return RoutingStats.from_load(c[:-2], int(c[-2].item()), early_exits=int(c[-1].item()))
+
+        self.record_stats(to_stats(counters))
+        self.last_group_stats = to_stats(self.experts.group_sum(counters)) if self.config.ep_size > 1 \
+            else self.last_stats
 
     def route(self, x: torch.Tensor) -> tuple[RoutingOutput, DelegatorOutput]:
         """The delegator's decision: weights (B, E) selection probabilities, indices (B, 1)."""

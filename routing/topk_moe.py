@@ -15,7 +15,8 @@ What we add to DeepSpeed's (output, l_aux, exp_counts):
   exp_counts are counted before capacity; its gate marks evicted routes with a
   negative expert index, which we read with a forward hook on the gate.
 - load and dropped summed over the expert-parallel group (DeepSpeed's counts are
-  per rank), when ``stats_over_group`` is set (one small all-reduce per forward).
+  per rank), when ``stats_over_group`` is set (one small all-reduce per forward),
+  in the returned RoutingOutput; the recorded per-module stats stay per rank.
 - the load-balancing loss returned as a weighted aux loss in RoutingOutput.
 """
 
@@ -63,6 +64,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _stats(counters: torch.Tensor) -> RoutingStats:
+    """(E + 2,) [load..., samples, dropped] -> RoutingStats."""
+    return RoutingStats.from_load(counters[:-2], int(counters[-2].item()), dropped=int(counters[-1].item()))
+
+
 class ImageExpert(nn.Module):
     """Wrap an image sub-network (B, C, H, W) -> (B, C, H, W) as a token expert (..., C*H*W) -> (..., C*H*W)."""
 
@@ -86,8 +92,10 @@ class TopKMoE(RoutedModule):
     routed or dropped). indices: (N, k) chosen experts, -1 where the route was
     dropped for capacity. aux_losses: {"load_balance": aux_loss_weight * l_aux}.
     Stats: load = assignments per expert before capacity, dropped = evicted
-    assignments, samples = tokens; summed over the expert-parallel group when
-    ``stats_over_group``.
+    assignments, samples = tokens. RoutingOutput.stats (and ``last_group_stats``)
+    are summed over the expert-parallel group when ``stats_over_group``; the
+    recorded ``last_stats`` that collect_routing_stats reads stay this rank's own,
+    so a trainer that sums every rank's stats does not count a group twice.
 
     Options (DeepSpeed's names): k (1, 2 or more), capacity_factor,
     eval_capacity_factor, min_capacity, drop_tokens (False = no-drop: capacity
@@ -135,6 +143,7 @@ class TopKMoE(RoutedModule):
         if ep_size > 1:
             self.moe.set_deepspeed_parallelism()
         self._gate_out: tuple | None = None
+        self.last_group_stats: RoutingStats | None = None
         self.moe.deepspeed_moe.gate.register_forward_hook(self._capture_gate)
 
     def _capture_gate(self, module: nn.Module, inputs: tuple, output: tuple) -> None:
@@ -175,10 +184,14 @@ class TopKMoE(RoutedModule):
             exp_counts.detach().to(torch.float64).reshape(-1),
             torch.tensor([x.shape[0], int((~kept).sum())], dtype=torch.float64),
         ])
+        # recorded for collect_routing_stats: this rank's counts (the trainer sums ranks itself)
+        self.record_stats(_stats(counters))
+        stats = self.last_stats
         if self.stats_over_group and self.ep_size > 1:
+            counters = counters.clone()  # the recorded stats share its memory
             dist.all_reduce(counters, group=self.ep_group)
-        stats = RoutingStats.from_load(counters[:-2], int(counters[-2].item()), dropped=int(counters[-1].item()))
-        self.record_stats(stats)
+            stats = _stats(counters)
+        self.last_group_stats = stats
         aux = {"load_balance": self.aux_loss_weight * l_aux}
         return y, RoutingOutput(weights=weights, indices=routes, stats=stats, aux_losses=aux)
 

@@ -93,7 +93,8 @@ def topk_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
         grads = {globalise(n, rank, n_local): p.grad.clone() for n, p in layer.named_parameters()
                  if p.grad is not None}
         results[case["name"]] = {"y": y.detach(), "x_grad": x.grad, "grads": grads,
-                                 "stats": routing.stats.as_dict(), "capacity": layer.capacity(b)}
+                                 "stats": routing.stats.as_dict(), "local_stats": layer.last_stats.as_dict(),
+                                 "capacity": layer.capacity(b)}
     torch.save(results, Path(workdir) / f"topk_rank{rank}.pt")
 
 
@@ -117,7 +118,8 @@ def coe_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
         grads = {globalise(n, rank, n_local): p.grad.clone() for n, p in model.named_parameters()
                  if p.grad is not None}
         results[mode] = {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads,
-                         "stats": collect_routing_stats(model)["root"].as_dict()}
+                         "stats": collect_routing_stats(model)["root"].as_dict(),
+                         "group_stats": model.last_group_stats.as_dict()}
     torch.save(results, Path(workdir) / f"coe_rank{rank}.pt")
 
 

@@ -84,10 +84,14 @@ def test_topk_ep2_matches_ep1(tmp_path):
             else:
                 summed = sum(r[name]["grads"][pname] for r in ranks)
                 assert torch.allclose(summed, p.grad, atol=1e-4), (name, pname)
-        # load summed over the expert-parallel group == the single-process load over the whole batch
+        # load summed over the expert-parallel group == the single-process load over the whole batch;
+        # the recorded per-module stats stay per rank and sum to it
         for r in ranks:
             assert r[name]["stats"]["load"] == routing.stats.load.tolist(), name
             assert r[name]["stats"]["samples"] == 2 * b and r[name]["stats"]["dropped"] == 0
+            assert r[name]["local_stats"]["samples"] == b
+        summed = [sum(v) for v in zip(*(r[name]["local_stats"]["load"] for r in ranks))]
+        assert summed == routing.stats.load.tolist(), name
 
     # small capacity: dropped == sum over ranks and experts of max(0, load - capacity)
     cap_case = next(c for c in cases if c["name"] == "k1_capacity")
@@ -106,6 +110,7 @@ def test_topk_ep2_matches_ep1(tmp_path):
     assert expected > 0
     for r in ranks:
         assert r["k1_capacity"]["stats"]["dropped"] == expected
+    assert sum(r["k1_capacity"]["local_stats"]["dropped"] for r in ranks) == expected
 
 
 def test_coe_ep2_matches_ep1(tmp_path):
@@ -137,8 +142,10 @@ def test_coe_ep2_matches_ep1(tmp_path):
                 summed = sum(r[mode]["grads"][pname] for r in ranks)
                 assert torch.allclose(summed, p.grad, atol=1e-4), (mode, pname)
         for r in ranks:
-            assert r[mode]["stats"]["load"] == stats.load.tolist()
-            assert r[mode]["stats"]["samples"] == x.shape[0]
+            assert r[mode]["group_stats"]["load"] == stats.load.tolist()
+            assert r[mode]["group_stats"]["samples"] == x.shape[0]
+            assert r[mode]["stats"]["samples"] == x.shape[0] // WORLD  # recorded: this rank's own
+        assert [sum(v) for v in zip(*(r[mode]["stats"]["load"] for r in ranks))] == stats.load.tolist()
 
 
 def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
