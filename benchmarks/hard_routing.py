@@ -38,6 +38,26 @@ from condmoe.routing import build_model
 from condmoe.routing.models.coe_cnn import EXPERT_CHANNELS, ExpertCNN
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hard_routing.json"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep freed activation memory in the heap instead of returning it to the OS.
+
+    With glibc's defaults a multi-megabyte activation freed at the end of a forward
+    is trimmed back to the OS, and the next forward page-faults it in again:
+    measured here that doubled the time of cigt_lenet's 28x28 first layer. PyTorch's
+    CPU performance guide recommends jemalloc/tcmalloc for this; glibc's mallopt
+    (trim threshold 1 GiB, mmap threshold at its 32 MiB maximum) does the same.
+    Returns False where glibc is not available (the benchmark then runs as is).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def _spread_linear(linear: torch.nn.Linear, feats: torch.Tensor, seed: int) -> None:
@@ -161,10 +181,12 @@ def _free_port() -> int:
 
 
 def _ep_worker(rank: int, world: int, port: int, batch: int, experts: int, rounds: int, iters: int, threads: int,
-               out: str) -> None:
+               malloc_tuned: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
+    if malloc_tuned:
+        tune_glibc_malloc()
     import deepspeed
     import torch.distributed as dist
 
@@ -206,9 +228,11 @@ def _ep_worker(rank: int, world: int, port: int, batch: int, experts: int, round
         torch.save(results, out)
 
 
-def bench_topk_ep(batch: int, experts: int, rounds: int, iters: int, threads: int) -> list[dict]:
+def bench_topk_ep(batch: int, experts: int, rounds: int, iters: int, threads: int,
+                  malloc_tuned: bool) -> list[dict]:
     out = RESULTS.parent / "_ep_tmp.pt"
-    ctx = mp.start_processes(_ep_worker, args=(2, _free_port(), batch, experts, rounds, iters, threads, str(out)),
+    ctx = mp.start_processes(_ep_worker, args=(2, _free_port(), batch, experts, rounds, iters, threads, malloc_tuned,
+                                               str(out)),
                              nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 600
     while not ctx.join(timeout=1.0):
@@ -232,36 +256,42 @@ def main() -> None:
     ap.add_argument("--size", default="small", help="coe_cnn size (each expert = the dense network)")
     ap.add_argument("--cigt-sizes", nargs="+", default=["small", "base"])
     ap.add_argument("--ep-experts", type=int, default=8)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: keep freed activations in the heap (see tune_glibc_malloc)")
     ap.add_argument("--parts", nargs="+", choices=["coe", "cigt", "ep"], default=["coe", "cigt", "ep"],
                     help="which parts to run (ep: the 2-process top-k part)")
     args = ap.parse_args()
+    args.malloc_tuned = tune_glibc_malloc() if args.malloc == "tuned" else False
     torch.set_num_threads(args.threads)
+    print(f"allocator: glibc {'tuned (no trimming of freed activations)' if args.malloc_tuned else 'defaults'}")
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
     coe = bench_coe(x, args.experts, args.size, args.rounds, args.iters) if "coe" in args.parts else []
-    print(f"\nCoE ({args.size} experts) vs dense / all-experts+mask, forward, batch {args.batch}, "
-          f"{args.threads} thread(s), samples/s")
-    print(f"{'E':>3} {'dense':>7} {'dense@B/E':>9} {'CoE':>7} {'all+mask':>8} {'CoE/dense':>9} {'CoE/d@B/E':>9} "
-          f"{'CoE/mask':>8} {'/E':>5} {'MAdds':>6}  load")
-    for r in coe:
-        print(f"{r['experts']:>3} {r['dense_sps']:>7.0f} {r['dense_chunks_sps']:>9.0f} {r['coe_sps']:>7.0f} "
-              f"{r['all_mask_sps']:>8.0f} {r['coe_vs_dense']:>9.2f} {r['coe_vs_dense_chunks']:>9.2f} "
-              f"{r['coe_vs_all_mask']:>8.2f} {r['coe_vs_all_mask_over_E']:>5.2f} {r['coe_macs_over_dense']:>6.3f}  "
-              f"{[int(v) for v in r['load']]}")
+    if coe:
+        print(f"\nCoE ({args.size} experts) vs dense / all-experts+mask, forward, batch {args.batch}, "
+              f"{args.threads} thread(s), samples/s")
+        print(f"{'E':>3} {'dense':>7} {'dense@B/E':>9} {'CoE':>7} {'all+mask':>8} {'CoE/dense':>9} {'CoE/d@B/E':>9} "
+              f"{'CoE/mask':>8} {'/E':>5} {'MAdds':>6}  load")
+        for r in coe:
+            print(f"{r['experts']:>3} {r['dense_sps']:>7.0f} {r['dense_chunks_sps']:>9.0f} {r['coe_sps']:>7.0f} "
+                  f"{r['all_mask_sps']:>8.0f} {r['coe_vs_dense']:>9.2f} {r['coe_vs_dense_chunks']:>9.2f} "
+                  f"{r['coe_vs_all_mask']:>8.2f} {r['coe_vs_all_mask_over_E']:>5.2f} {r['coe_macs_over_dense']:>6.3f}  "
+                  f"{[int(v) for v in r['load']]}")
 
     cigt = [bench_cigt(x, size, args.rounds, args.iters) for size in args.cigt_sizes] if "cigt" in args.parts else []
-    print(f"\nCIGT cigt_lenet [1, 2, 4], gather/scatter vs dense run-all-paths+mask, forward, batch {args.batch}, "
-          "samples/s")
-    print(f"{'size':>6} {'gather':>8} {'dense':>8} {'speed-up':>9} {'MAdds ratio':>12} "
-          f"{'routed layers only':>19}  loads")
-    for r in cigt:
-        print(f"{r['size']:>6} {r['gather_sps']:>8.0f} {r['dense_sps']:>8.0f} {r['speedup']:>8.2f}x "
-              f"{r['macs_ratio']:>11.2f}x {r['routed_speedup']:>18.2f}x  "
-              f"{[[int(v) for v in load] for load in r['loads']]}")
+    if cigt:
+        print(f"\nCIGT cigt_lenet [1, 2, 4], gather/scatter vs dense run-all-paths+mask, forward, batch {args.batch}, "
+              "samples/s")
+        print(f"{'size':>6} {'gather':>8} {'dense':>8} {'speed-up':>9} {'MAdds ratio':>12} "
+              f"{'routed layers only':>19}  loads")
+        for r in cigt:
+            print(f"{r['size']:>6} {r['gather_sps']:>8.0f} {r['dense_sps']:>8.0f} {r['speedup']:>8.2f}x "
+                  f"{r['macs_ratio']:>11.2f}x {r['routed_speedup']:>18.2f}x  "
+                  f"{[[int(v) for v in load] for load in r['loads']]}")
 
     ep = []
     if "ep" in args.parts:
-        ep = bench_topk_ep(args.batch, args.ep_experts, args.rounds, args.iters, args.threads)
+        ep = bench_topk_ep(args.batch, args.ep_experts, args.rounds, args.iters, args.threads, args.malloc_tuned)
         print(f"\nTop-k MoE layer (k=1, {args.ep_experts} conv experts, tokens (32,7,7)), 2 processes gloo, "
               f"forward, batch {args.batch}/rank")
         print(f"{'ep_size':>7} {'samples/s':>10} {'vs ep1':>7} {'all-to-all share':>17}")
