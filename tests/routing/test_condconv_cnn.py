@@ -51,3 +51,10 @@ def test_one_expert_is_the_static_baseline_of_the_same_shape():
         [(c.in_channels, c.out_channels, c.kernel_size, c.groups) for c in cconvs]
     x = torch.randn(2, 1, 28, 28)
     assert static(x).logits.shape == routed(x).logits.shape == (2, 10)
+
+
+def test_module_conversions_work_on_every_family():
+    # .to()/.double() walk nn.Module._apply: no layer may shadow it (DeepSpeed calls .to(device))
+    for name in ("condconv_cnn", "basisnet_cnn"):
+        model = build_model(name, "tiny", experts=4).to(torch.float64)
+        assert model(torch.randn(2, 1, 28, 28, dtype=torch.float64)).logits.dtype == torch.float64
