@@ -2,7 +2,8 @@
 
 The exporter (prometheus_client, its own registry and HTTP server) lives in a
 Ray actor on the head node (:func:`start_job_exporter`, called by the job's
-driver) or, with no Ray around, in rank 0's process. Rank 0 feeds it the
+driver) or, with no Ray around, in a child process of rank 0
+(:class:`ExporterProcess`); either way scrapes never run in a training process. Rank 0 feeds it the
 aggregate of all ranks' RoutingStats (already all-reduced by the train loop)
 every ``metrics.prometheus.every_n_steps`` steps; per-expert series carry the
 labels ``job``, ``layer``, ``expert`` and never a rank, so cardinality stays
@@ -28,14 +29,15 @@ actor), every key optional::
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from condmoe.routing import RoutingStats
@@ -46,22 +48,6 @@ NAMESPACE = "condmoe"  # Ray namespace of the exporter actors
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 CKPT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
-
-
-class _ScrapeCounter:
-    """A collector that exposes nothing; it counts scrapes (collect() runs once per scrape)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = 0.0
-
-    def describe(self) -> list:
-        return []
-
-    def collect(self) -> Iterable:
-        self.count += 1
-        self.last = time.time()
-        return []
 
 
 class JobMetrics:
@@ -111,8 +97,6 @@ class JobMetrics:
         self.restarts = Counter("condmoe_worker_restarts", "Worker-group restarts after failures", lj, registry=r)
         self.updated = Gauge("condmoe_last_update_timestamp_seconds", "Unix time of the last update", lj,
                              registry=r)
-        self.scrapes = _ScrapeCounter()
-        r.register(self.scrapes)
         # create the label-less-per-job series up front, so every family is in the exposition from the start
         for metric in (self.steps, self.samples, self.restarts):
             metric.labels(job)
@@ -181,30 +165,69 @@ def _tensor(values: list[float]):
     return torch.tensor(values, dtype=torch.float64)
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - no access log on stderr
+        pass
+
+
 class MetricsExporter:
-    """JobMetrics behind an HTTP server (``/metrics``); thread-safe, usable in any process."""
+    """JobMetrics behind an HTTP server (``/metrics``); thread-safe, usable in any process.
+
+    The exposition is rendered at most once per update: scrapes between two updates get the same
+    bytes, so a scraper polling faster than the job reports costs almost nothing.
+    """
 
     def __init__(self, job: str, host: str = "127.0.0.1", port: int = 0) -> None:
         if not 0 <= int(port) <= 65535:
             raise ValueError(f"exporter port must be 0..65535, got {port}")
         self.metrics = JobMetrics(job)
         self.host, self.port = host, int(port)
-        self._server = self._thread = None
+        self._server: WSGIServer | None = None
         self._lock = threading.Lock()
         self._sessions: set[str] = set()
-        self._scrapes_at_update = 0
+        self._version = 0
+        self._cache: tuple[int, bytes] | None = None
+        self._scrapes = self._scrapes_at_update = 0
+        self._last_scrape = 0.0
+
+    def _app(self, environ: dict, start_response) -> list[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are at /metrics\n"]
+        with self._lock:
+            if self._cache is None or self._cache[0] != self._version:
+                self._cache = (self._version, generate_latest(self.metrics.registry))
+            body = self._cache[1]
+            self._scrapes += 1
+            self._last_scrape = time.time()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def _bind(self, port: int) -> WSGIServer:
+        server_class = _Server6 if ":" in self.host else _Server
+        return make_server(self.host, port, self._app, server_class=server_class, handler_class=_QuietHandler)
 
     def start(self) -> str:
         """Bind and serve; a taken port falls back to a free one (logged). Returns the URL."""
         try:
-            self._server, self._thread = start_http_server(self.port, self.host, registry=self.metrics.registry)
+            self._server = self._bind(self.port)
         except OSError as exc:
             if self.port == 0:
                 raise
             log.warning("exporter port %s:%d unavailable (%s); using a free port", self.host, self.port,
                         exc.strerror or exc)
-            self._server, self._thread = start_http_server(0, self.host, registry=self.metrics.registry)
+            self._server = self._bind(0)
         self.port = int(self._server.server_port)
+        threading.Thread(target=self._server.serve_forever, name=f"exporter-{self.metrics.job}",
+                         daemon=True).start()
         log.info("Prometheus exporter for job %s: %s", self.metrics.job, self.url)
         return self.url
 
@@ -216,7 +239,8 @@ class MetricsExporter:
     def update(self, update: dict[str, Any]) -> None:
         with self._lock:
             self.metrics.apply(update)
-            self._scrapes_at_update = self.metrics.scrapes.count
+            self._version += 1
+            self._scrapes_at_update = self._scrapes
 
     def attach(self, session: str) -> bool:
         """Rank 0 of a worker group says hello; every group after the first counts a restart."""
@@ -225,21 +249,158 @@ class MetricsExporter:
             self._sessions.add(session)
             if restart:
                 self.metrics.apply({"restart": True})
+                self._version += 1
             return restart
 
     def scrape_state(self) -> dict[str, float]:
         """Scrapes so far, and how many happened after the last update."""
-        s = self.metrics.scrapes
-        return {"scrapes": s.count, "since_update": s.count - self._scrapes_at_update, "last": s.last}
+        with self._lock:
+            return {"scrapes": self._scrapes, "since_update": self._scrapes - self._scrapes_at_update,
+                    "last": self._last_scrape}
 
     def exposition(self) -> str:
-        return self.metrics.exposition()
+        with self._lock:
+            return self.metrics.exposition()
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _serve_main() -> None:
+    """Entry of the exporter child process: argv = job host port socket; key in CONDMOE_EXPORTER_KEY."""
+    import os
+    import sys
+    from multiprocessing.connection import Client
+
+    job, host, port, address = sys.argv[1:5]
+    conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop("CONDMOE_EXPORTER_KEY")))
+    _serve(job, host, int(port), conn)
+
+
+def _serve(job: str, host: str, port: int, conn) -> None:
+    """Child process of :class:`ExporterProcess`: serve, and apply commands from the pipe until "stop"."""
+    import prometheus_client
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    prometheus_client.disable_created_metrics()  # a dedicated process: no *_created series (smaller scrapes)
+    exporter = MetricsExporter(job, host, port)
+    try:
+        conn.send(("url", exporter.start()))
+    except OSError as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        while True:
+            try:
+                cmd, arg = conn.recv()
+            except EOFError:  # the owner died: stop serving
+                return
+            if cmd == "update":
+                exporter.update(arg)
+            elif cmd == "scrape_state":
+                conn.send(exporter.scrape_state())
+            elif cmd == "exposition":
+                conn.send(exporter.exposition())
+            elif cmd == "stop":
+                return
+    finally:
+        exporter.stop()
+
+
+class ExporterProcess:
+    """A MetricsExporter in a child process (no Ray): scrapes never take the training process' GIL.
+
+    Same calls as :class:`MetricsExporter`; updates travel over a Unix socket (a pickled dict per
+    push). The child exits when told to or when this process goes away.
+    """
+
+    def __init__(self, job: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"exporter port must be 0..65535, got {port}")
+        self.job, self.host, self.port = job, host, int(port)
+        self.url: str | None = None
+        self._proc = self._conn = None
+        self._lock = threading.Lock()
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        from multiprocessing.connection import Listener
+
+        # a fresh interpreter (not multiprocessing's spawn, which re-imports the caller's __main__),
+        # connected back over a Unix socket with a one-time key
+        key = os.urandom(16)
+        folder = tempfile.mkdtemp(prefix="condmoe-exporter-")
+        address = os.path.join(folder, "sock")
+        code = "from condmoe.cluster.metrics import _serve_main; _serve_main()"
+        try:
+            with Listener(address, family="AF_UNIX", authkey=key) as listener:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", code, self.job, self.host, str(self.port), address],
+                    env={**os.environ, "CONDMOE_EXPORTER_KEY": key.hex()}, stdin=subprocess.DEVNULL)
+                listener._listener._socket.settimeout(timeout_s)
+                try:
+                    self._conn = listener.accept()
+                except OSError as exc:
+                    self.stop()
+                    raise TimeoutError(f"exporter process for job {self.job!r} did not connect: {exc}") from None
+        finally:
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+            os.rmdir(folder)
+        if not self._conn.poll(timeout_s):
+            self.stop()
+            raise TimeoutError(f"exporter process for job {self.job!r} did not start in {timeout_s}s")
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
+            kind, value = "error", "the exporter process exited"
+        if kind == "error":
+            self.stop()
+            raise OSError(f"exporter for job {self.job!r} on {self.host}:{self.port}: {value}")
+        self.url = value
+        self.port = int(value.rsplit(":", 1)[1].split("/")[0])
+        log.info("Prometheus exporter for job %s: %s", self.job, self.url)
+        return self.url
+
+    def _call(self, cmd: str, arg: Any = None, reply: bool = False) -> Any:
+        if self._conn is None:
+            raise RuntimeError(f"exporter process for job {self.job!r} is not running")
+        with self._lock:
+            self._conn.send((cmd, arg))
+            return self._conn.recv() if reply else None
+
+    def update(self, update: dict[str, Any]) -> None:
+        self._call("update", update)
+
+    def scrape_state(self) -> dict[str, float]:
+        return self._call("scrape_state", reply=True)
+
+    def exposition(self) -> str:
+        return self._call("exposition", reply=True)
+
+    def stop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._call("stop")
+            except (OSError, EOFError):
+                pass
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+            self._proc = None
 
 
 def actor_name(job: str) -> str:
@@ -254,7 +415,10 @@ def _actor_class():
         """A MetricsExporter in its own process on the head node (one per job)."""
 
         def __init__(self, job: str, host: str, port: int) -> None:
+            import prometheus_client
+
             logging.basicConfig(level=logging.INFO)
+            prometheus_client.disable_created_metrics()  # its own process: no *_created series
             self.exporter = MetricsExporter(job, host, port)
             self.exporter.start()
 

@@ -27,7 +27,7 @@ import torch
 
 from condmoe.routing import RoutingStats, accumulate_stats
 
-from .metrics import MetricsExporter, find_job_exporter
+from .metrics import ExporterProcess, find_job_exporter
 from .parquet_log import ParquetLog
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,16 @@ class JobMonitor:
 
 
 def local_monitor(cfg, rank: int, report: Callable | None = None) -> JobMonitor:
-    """No Ray: rank 0 runs the exporter in its own process (other ranks only time, no export)."""
+    """No Ray: rank 0 starts the exporter in a child process (other ranks only time, no export)."""
     prom = cfg.metrics.prometheus
     if rank != 0 or not prom.enabled:
         return JobMonitor(cfg, rank, None, report)
-    exporter = MetricsExporter(cfg.run_name, prom.host, prom.port)
-    exporter.start()
+    exporter = ExporterProcess(cfg.run_name, prom.host, prom.port)
+    try:
+        exporter.start()
+    except (OSError, TimeoutError) as exc:  # monitoring must never stop training
+        log.warning("job %s: no metrics exporter: %s", cfg.run_name, exc)
+        return JobMonitor(cfg, rank, None, report)
     monitor = JobMonitor(cfg, rank, lambda u, _final: exporter.update(u), report, on_close=exporter.stop)
     monitor.exporter = exporter
     return monitor
