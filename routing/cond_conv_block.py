@@ -82,7 +82,7 @@ class CondConvInvertedResidual(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU6(inplace=True)
 
-    def _conv(self, conv: nn.Module, x: torch.Tensor, rw: torch.Tensor | None) -> torch.Tensor:
+    def _run_conv(self, conv: nn.Module, x: torch.Tensor, rw: torch.Tensor | None) -> torch.Tensor:
         return conv(x) if rw is None else conv(x, rw)
 
     def forward(self, x: torch.Tensor, routing_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,7 +93,7 @@ class CondConvInvertedResidual(nn.Module):
             rw = self.router(x).weights
         if self.num_experts == 1:
             rw = None
-        out = self.act(self.bn1(self._conv(self.expand, x, rw)))
-        out = self.act(self.bn2(self._conv(self.depthwise, out, rw)))
-        out = self.bn3(self._conv(self.project, out, rw))
+        out = self.act(self.bn1(self._run_conv(self.expand, x, rw)))
+        out = self.act(self.bn2(self._run_conv(self.depthwise, out, rw)))
+        out = self.bn3(self._run_conv(self.project, out, rw))
         return out + x if self.use_residual else out
