@@ -1,8 +1,10 @@
-"""``condmoe demo``: train a small CondConv network on Fashion-MNIST and show what it learned.
+"""``condmoe demo``: the main job, small: shard Fashion-MNIST, train CondConv on Ray, show the result.
 
-In one process: a condconv_cnn (8 experts) and its static baseline of the same shape
-(experts: 1) train for one pass over a slice of Fashion-MNIST; the demo prints test
-accuracy beside multiply-adds per sample, and how the experts are used per layer.
+1. writes Fashion-MNIST as WebDataset shards under ``data/fashion_mnist`` (once);
+2. trains ``configs/condconv.yaml`` (condconv_cnn/small, 8 experts) with 2 workers
+   on an embedded local Ray, DeepSpeed ZeRO on gloo, for a few hundred steps;
+3. prints test accuracy beside multiply-adds per sample, the expert-use table of
+   the whole run, and where the checkpoint is.
 """
 
 from __future__ import annotations
@@ -10,98 +12,87 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
-from condmoe.datasets.idx import load_default_images
-from condmoe.routing import accumulate_stats, build_model, collect_routing_stats
-from condmoe.routing.macs import count_macs
+from condmoe.datasets import MANIFEST_NAME, write_shards
+from condmoe.routing import RoutingStats
 
 from .expert_view import expert_table
 
 log = logging.getLogger(__name__)
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train a small CondConv network on Fashion-MNIST and show expert use")
-    p.add_argument("--train-samples", type=int, default=12000, help="training slice size (default 12000)")
-    p.add_argument("--test-samples", type=int, default=2000, help="test slice size (default 2000)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--size", default="small", help="condconv_cnn size (tiny, small, base)")
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="shard Fashion-MNIST, train CondConv with 2 Ray workers, show accuracy and expert use")
+    p.add_argument("--job", default=str(REPO / "configs" / "condconv.yaml"), help="job file (default configs/condconv.yaml)")
+    p.add_argument("--data", default="data/fashion_mnist", help="shard folder (written when missing)")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--storage", default="runs", help="Ray Train storage path (default runs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra job overrides, e.g. --set model.size=tiny")
     p.set_defaults(func=run)
 
 
-def _tensors(split: str, limit: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    images, labels, name = load_default_images(split, limit=limit)
-    x = torch.from_numpy(images.copy()).float().div_(255.0)
-    x = x.sub_(x.mean()).div_(x.std()).unsqueeze(1)
-    return x, torch.from_numpy(labels), name
-
-
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, console: Console, label: str) -> dict:
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    batch = 128
-    steps = epochs * (len(x) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    totals: dict = {}
-    step = 0
+def _ensure_shards(console: Console, data: Path) -> None:
+    if (data / MANIFEST_NAME).is_file():
+        console.print(f"shards: {data} (already written)")
+        return
+    console.print(f"shards: writing Fashion-MNIST to {data} ...")
     start = time.perf_counter()
-    with console.status(f"training {label}") as status:
-        for epoch in range(epochs):
-            model.train()
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-            for i in range(0, len(x) - batch + 1, batch):
-                idx = perm[i : i + batch]
-                out = model(x[idx], y[idx])
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                opt.step()
-                sched.step()
-                totals = accumulate_stats(totals, collect_routing_stats(model))
-                step += 1
-                if step % 10 == 0 or step == steps:
-                    msg = f"training {label}: step {step}/{steps}, loss {out.loss.item():.3f}"
-                    status.update(msg)
-                    if not console.is_terminal and (step % 50 == 0 or step == steps):
-                        console.print(msg)  # a log gets progress lines instead of a spinner
-    return {"stats": totals, "seconds": time.perf_counter() - start, "steps": steps}
+    last = [0.0]
 
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 5 or done == total:
+            last[0] = now
+            console.print(f"  {done}/{total} samples")
 
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    hits = sum(int((model(x[i : i + 500]).logits.argmax(-1) == y[i : i + 500]).sum()) for i in range(0, len(x), 500))
-    return hits / len(x)
+    write_shards("fashion_mnist", data, samples_per_shard=2000, progress=progress)
+    console.print(f"shards: done in {time.perf_counter() - start:.0f}s")
 
 
 def run(args: argparse.Namespace) -> int:
+    from condmoe.trainer.checkpoint import read_meta
+
+    from .launch import load_and_launch
+
     console = Console(width=None if Console().is_terminal else 130)
-    torch.manual_seed(args.seed)
-    x, y, source = _tensors("train", args.train_samples)
-    xt, yt, _ = _tensors("test", args.test_samples)
-    console.print(f"[bold]condmoe demo[/]: {source}, {len(x)} training / {len(xt)} test images, "
-                  f"{torch.get_num_threads()} threads")
-    results = Table(title="test accuracy beside cost", title_justify="left")
-    for col in ("model", "experts", "params", "MAdds/sample", "test accuracy", "train time"):
-        results.add_column(col, justify="left" if col == "model" else "right")
-    routed_stats = {}
-    for experts in (args.experts, 1):
-        torch.manual_seed(args.seed)
-        model = build_model("condconv_cnn", args.size, experts=experts)
-        label = f"condconv_cnn/{args.size} ({'static baseline' if experts == 1 else f'{experts} experts'})"
-        run_info = _train(model, x, y, args.epochs, console, label)
-        acc = _accuracy(model, xt, yt)
-        macs = count_macs(model, xt[:64])
-        collect_routing_stats(model)  # drop the eval batches' stats
-        params = sum(p.numel() for p in model.parameters())
-        results.add_row(label, str(experts), f"{params / 1e3:.0f}k", f"{macs.per_sample / 1e6:.2f}M",
-                        f"{100 * acc:.2f}%", f"{run_info['seconds']:.0f}s")
-        if experts > 1:
-            routed_stats = run_info["stats"]
-    console.print(results)
-    console.print(expert_table(routed_stats, title="expert use over training (summed routing weights per expert)"))
+    data = Path(args.data)
+    _ensure_shards(console, data)
+    run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [
+        f"data.path={data}",
+        f"optim.steps={args.steps}",
+        f"optim.warmup_steps={max(1, args.steps // 10)}",
+        f"checkpoint.every={args.steps}",
+        f"metrics.eval_every={args.steps}",
+        f"cluster.workers={args.workers}",
+        f"cluster.storage_path={Path(args.storage).resolve()}",
+        f"cluster.name={run_name}",
+        *args.overrides,
+    ]
+    console.print(f"[bold]condmoe demo[/]: {args.job} with {args.workers} workers on embedded Ray, "
+                  f"{args.steps} steps (torch threads per worker from the job file)")
+    start = time.perf_counter()
+    res = load_and_launch(args.job, overrides)
+    if res.error:
+        raise RuntimeError(f"demo training failed: {res.error}")
+    m = res.metrics
+    console.print(f"\ntrained {m.get('step')} steps in {time.perf_counter() - start:.0f}s, final loss {m.get('loss', float('nan')):.4f}")
+    console.print(f"test accuracy:  {100 * m['eval_accuracy']:.2f}% on {int(m['eval_samples'])} test images")
+    console.print(f"multiply-adds:  {m['eval_macs_per_sample'] / 1e6:.3f}M per sample "
+                  f"(routing FCs and kernel mixing included)")
+    meta = read_meta(res.checkpoint)
+    totals = {name: RoutingStats.from_load(torch.tensor(d["load"]), d["samples"], dropped=d["dropped"],
+                                           early_exits=d["early_exits"], kind=d["kind"])
+              for name, d in meta.get("routing", {}).items()}
+    console.print(expert_table(totals, title="expert use over the run (summed routing weights, all workers)"))
+    console.print(f"checkpoint:     {res.checkpoint}")
+    console.print(f"run directory:  {res.run_dir}  (resume: condmoe train {args.job} --resume {res.run_dir})")
     return 0
