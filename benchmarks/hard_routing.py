@@ -90,7 +90,8 @@ def _interleaved(variants: dict, batch: int, rounds: int, iters: int) -> dict[st
     return {k: max(v) for k, v in samples.items()}
 
 
-def bench_coe(x: torch.Tensor, experts: list[int], size: str, rounds: int, iters: int) -> list[dict]:
+def bench_coe(x: torch.Tensor, experts: list[int], size: str, rounds: int, iters: int,
+              delegator_scale: float = 1.0) -> list[dict]:
     from condmoe.routing import count_macs
 
     torch.manual_seed(0)
@@ -99,9 +100,9 @@ def bench_coe(x: torch.Tensor, experts: list[int], size: str, rounds: int, iters
     loads, coe_macs = {}, {}
     for e in experts:
         torch.manual_seed(0)
-        model = build_model("coe_cnn", size, experts=e).eval()
+        model = build_model("coe_cnn", size, experts=e, delegator_scale=delegator_scale).eval()
         with torch.no_grad():
-            _spread_linear(model.delegator.select, model.delegator.body(x).mean(dim=(2, 3)), seed=e)
+            _spread_linear(model.delegator.select, model.delegator.features(x), seed=e)
             model(x)
         loads[e] = model.last_stats.load.tolist()
         coe_macs[e] = count_macs(model, x).per_sample
@@ -254,6 +255,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--size", default="small", help="coe_cnn size (each expert = the dense network)")
+    ap.add_argument("--delegator-scale", type=float, default=1.0, help="coe_cnn delegator_scale option")
     ap.add_argument("--cigt-sizes", nargs="+", default=["small", "base"])
     ap.add_argument("--ep-experts", type=int, default=8)
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
@@ -266,7 +268,8 @@ def main() -> None:
     print(f"allocator: glibc {'tuned (no trimming of freed activations)' if args.malloc_tuned else 'defaults'}")
     x = torch.randn(args.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
-    coe = bench_coe(x, args.experts, args.size, args.rounds, args.iters) if "coe" in args.parts else []
+    coe = (bench_coe(x, args.experts, args.size, args.rounds, args.iters, args.delegator_scale)
+           if "coe" in args.parts else [])
     if coe:
         print(f"\nCoE ({args.size} experts) vs dense / all-experts+mask, forward, batch {args.batch}, "
               f"{args.threads} thread(s), samples/s")

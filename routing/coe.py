@@ -102,11 +102,19 @@ class DelegatorOutput:
 
 
 class Delegator(nn.Module):
-    """Small CNN: (B, C, H, W) -> DelegatorOutput. Strided 3x3 conv / BN / ReLU, GAP, three FC heads."""
+    """Small CNN: (B, C, H, W) -> DelegatorOutput. Strided 3x3 conv / BN / ReLU, GAP, three FC heads.
+
+    input_scale < 1: the delegator previews a downscaled image (area-averaged), as
+    BasisNet's lightweight model may; it runs on every sample, so its cost is paid
+    E-independently on top of the one expert.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, num_experts: int, channels: tuple[int, ...],
-                 learned_vcm: bool, norm: str = "batch") -> None:
+                 learned_vcm: bool, norm: str = "batch", input_scale: float = 1.0) -> None:
         super().__init__()
+        if not 0.0 < input_scale <= 1.0:
+            raise ValueError(f"Delegator input_scale must be in (0, 1], got {input_scale}")
+        self.input_scale = input_scale
         layers: list[nn.Module] = []
         ch = in_channels
         for out_ch in channels:
@@ -118,9 +126,19 @@ class Delegator(nn.Module):
         self.vcm = nn.Linear(ch, 1) if learned_vcm else None
 
     def forward(self, x: torch.Tensor) -> DelegatorOutput:
-        f = self.body(x).mean(dim=(2, 3))
+        f = self.features(x)
         vcm = self.vcm(f).squeeze(-1) if self.vcm is not None else None
         return DelegatorOutput(self.select(f), self.rough(f), vcm)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, F) pooled features the three heads read."""
+        if self.input_scale < 1.0:
+            k = round(1.0 / self.input_scale)
+            if abs(k * self.input_scale - 1.0) < 1e-6 and x.shape[-2] % k == 0 and x.shape[-1] % k == 0:
+                x = F.avg_pool2d(x, k)
+            else:
+                x = F.interpolate(x, scale_factor=self.input_scale, mode="area")
+        return self.body(x).mean(dim=(2, 3))
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:

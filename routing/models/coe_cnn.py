@@ -40,16 +40,18 @@ class ExpertCNN(nn.Module):
 
 @register_model("coe_cnn", tuple(EXPERT_CHANNELS))
 def coe_cnn(size: str, *, num_classes: int = 10, in_channels: int = 1, experts: int = 4, ep_size: int = 1,
-            dropout: float = 0.1, norm: str = "batch", seed: int | None = None, **coe_options) -> CoE:
+            dropout: float = 0.1, norm: str = "batch", delegator_scale: float = 1.0, seed: int | None = None,
+            **coe_options) -> CoE:
     """experts = E; other options are CoEConfig fields (exit_threshold, wgm_floor, lgm, vcm, ...).
 
     norm: 'batch' | 'group' | 'none' in delegator and experts ('group' makes every
     sample's output independent of the rest of its batch). seed: expert
-    initialisation seed (default: drawn from torch's global generator).
+    initialisation seed (default: drawn from torch's global generator). delegator_scale:
+    the delegator sees the image downscaled by this factor (1: full resolution).
     """
     config = CoEConfig(num_experts=experts, ep_size=ep_size, **coe_options)
     make_expert = partial(ExpertCNN, EXPERT_CHANNELS[size], in_channels=in_channels, num_classes=num_classes,
                           dropout=dropout, norm=norm)
     delegator = Delegator(in_channels, num_classes, experts, DELEGATOR_CHANNELS[size],
-                          learned_vcm=config.vcm == "learned", norm=norm)
+                          learned_vcm=config.vcm == "learned", norm=norm, input_scale=delegator_scale)
     return CoE(delegator, make_expert, config, num_classes=num_classes, seed=seed)

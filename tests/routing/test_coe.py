@@ -42,7 +42,7 @@ def test_only_the_selected_expert_runs_on_each_sample():
     model.eval()
     x = torch.randn(32, 1, 28, 28)
     with torch.no_grad():  # make the delegator pick different experts for different samples
-        feats = model.delegator.body(x).mean(dim=(2, 3))
+        feats = model.delegator.features(x)
         model.delegator.select.weight.normal_(0, 5.0)
         model.delegator.select.bias.copy_(-model.delegator.select.weight @ feats.mean(0))
     seen = {}
@@ -125,3 +125,13 @@ def test_bad_config_raises():
         _coe(experts=4, ep_size=3)
     with pytest.raises(ValueError, match="norm must be"):
         _coe(norm="layer")
+
+
+def test_delegator_input_scale_previews_a_smaller_image():
+    full, half = _coe(experts=2), _coe(experts=2, delegator_scale=0.5)
+    x = torch.randn(8, 1, 28, 28)
+    full.eval(), half.eval()
+    assert count_macs(half.delegator, x).per_sample < 0.3 * count_macs(full.delegator, x).per_sample
+    assert half(x).logits.shape == (8, 10)
+    with pytest.raises(ValueError, match="input_scale must be in"):
+        _coe(delegator_scale=0.0)
