@@ -131,7 +131,7 @@ def test_delegator_input_scale_previews_a_smaller_image():
     full, half = _coe(experts=2), _coe(experts=2, delegator_scale=0.5)
     x = torch.randn(8, 1, 28, 28)
     full.eval(), half.eval()
-    assert count_macs(half.delegator, x).per_sample < 0.3 * count_macs(full.delegator, x).per_sample
+    assert count_macs(half.delegator, x).per_sample < 0.4 * count_macs(full.delegator, x).per_sample
     assert half(x).logits.shape == (8, 10)
     with pytest.raises(ValueError, match="input_scale must be in"):
         _coe(delegator_scale=0.0)
