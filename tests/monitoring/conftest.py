@@ -167,7 +167,8 @@ def local_job(fmnist_shards, tmp_path_factory):
             [sys.executable, str(Path(__file__).with_name("_local_job.py")), str(ROOT / "configs/coe.yaml"),
              str(tmp), f"data.path={shards}", "model.size=tiny", "model.ep_size=1", f"optim.steps={LOCAL_STEPS}",
              "optim.warmup_steps=0", "optim.schedule=constant", "data.batch_size=32", "data.eval_batch_size=128",
-             "metrics.log_every=2", "metrics.eval_batches=1", "checkpoint.every=0", "checkpoint.portable=false",
+             "metrics.log_every=2", "metrics.prometheus.every_n_steps=3", "metrics.eval_batches=1",
+             "checkpoint.every=0", "checkpoint.portable=false",
              f"cluster.storage_path={tmp / 'runs'}", "cluster.name=localjob", f"metrics.prometheus.port={port}"],
             capture_output=True, text=True, timeout=180, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
