@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/routing.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/hard_routing.py
+	$(PY) benchmarks/metrics.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
