@@ -124,7 +124,7 @@ def coe_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
 
 
 def engine_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
-    """Train topk_moe_cnn and coe_cnn (ep_size=2) for a few steps with a DeepSpeed engine, ZeRO stage 2."""
+    """Train topk_moe_cnn, coe_cnn (ep_size=2) and cigt_lenet for a few steps with a DeepSpeed engine, ZeRO 2."""
     init_gloo(rank, world_size, port)
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -132,9 +132,11 @@ def engine_worker(rank: int, world_size: int, port: int, workdir: str) -> None:
     from condmoe.routing import build_model
 
     results = {}
-    for name, opts in (("topk_moe_cnn", dict(k=2)), ("coe_cnn", dict(dropout=0.0))):
+    cases = (("topk_moe_cnn", dict(k=2, ep_size=world_size)), ("coe_cnn", dict(dropout=0.0, ep_size=world_size)),
+             ("cigt_lenet", dict(warmup_steps=2)))  # CIGT: plain data parallel, ranks route differently
+    for name, opts in cases:
         torch.manual_seed(0)
-        model = build_model(name, "tiny", experts=4, ep_size=world_size, **opts)
+        model = build_model(name, "tiny", experts=4, **opts)
         groups = split_params_into_different_moe_groups_for_optimizer(
             {"params": [p for p in model.parameters() if p.requires_grad], "name": "params"})
         opt = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
@@ -168,7 +170,7 @@ def _checkpoint_round_trip(engine, name, opts, config, params, world_size, workd
     ckpt = Path(workdir) / f"ckpt_{name}"
     engine.save_checkpoint(str(ckpt), tag="t")
     torch.manual_seed(1)
-    fresh = build_model(name, "tiny", experts=4, ep_size=world_size, **opts)
+    fresh = build_model(name, "tiny", experts=4, **opts)
     fresh_groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": [p for p in fresh.parameters() if p.requires_grad], "name": "params"})
     engine2, _, _, _ = deepspeed.initialize(model=fresh, optimizer=torch.optim.SGD(fresh_groups, lr=0.05),

@@ -148,9 +148,9 @@ def test_coe_ep2_matches_ep1(tmp_path):
         assert [sum(v) for v in zip(*(r[mode]["stats"]["load"] for r in ranks))] == stats.load.tolist()
 
 
-def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
+def test_deepspeed_engine_zero2_trains_hard_routed_models(tmp_path):
     """DeepSpeed recognises our expert params: shared params stay in sync across ranks, experts differ,
-    and DeepSpeed's per-expert checkpoint files restore them."""
+    and DeepSpeed's per-expert checkpoint files restore them. CIGT trains data-parallel."""
     from expert_parallel_workers import engine_worker
 
     run_ranks(engine_worker, (str(tmp_path),), WORLD, timeout=240)
@@ -158,7 +158,7 @@ def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
     # one file per global CoE expert, written by the rank that holds it
     expert_files = sorted(p.name for p in (tmp_path / "ckpt_coe_cnn" / "t").glob("*expert_*"))
     assert len(expert_files) == 4 and all(f"expert_{g}_" in " ".join(expert_files) for g in range(4)), expert_files
-    for name in ("topk_moe_cnn", "coe_cnn"):
+    for name in ("topk_moe_cnn", "coe_cnn", "cigt_lenet"):
         for r in ranks:
             assert r[name]["restored"] in ((True,) if name == "coe_cnn" else (None,)), name  # checkpoint round trip
             losses = r[name]["losses"]
@@ -167,8 +167,8 @@ def test_deepspeed_engine_zero2_trains_expert_parallel_models(tmp_path):
         assert p0.keys() == p1.keys()
         shared = [n for n in p0 if "deepspeed_experts" not in n]
         experts = [n for n in p0 if "deepspeed_experts" in n]
-        assert shared and experts
-        for n in shared:  # data-parallel all-reduce kept them identical
+        assert shared and (experts or name == "cigt_lenet")
+        for n in shared:  # data-parallel all-reduce kept them identical (CIGT: even paths idle on one rank)
             assert torch.allclose(p0[n], p1[n], atol=1e-6), (name, n)
         # each rank holds different experts (global 0,1 vs 2,3) trained on different samples
-        assert any(not torch.allclose(p0[n], p1[n]) for n in experts), name
+        assert not experts or any(not torch.allclose(p0[n], p1[n]) for n in experts), name
