@@ -16,7 +16,8 @@ samples take uniformly random paths (the IG loss is still optimised); after it,
 argmax routing with a ``random_path_fraction`` of samples sent to a random
 path, and temperature T = max(T0 * decay^t, T_min) with t counting iterations
 since warm-up ended. The iteration counter is a buffer (checkpointed with the
-weights) advanced by each training forward.
+weights) advanced by each training forward (one per micro-batch; the paper's
+warm-up epochs are ``epochs x steps per epoch`` here).
 
 Execution (``execution``): "gather" runs each block only on the samples routed
 to it (index_select, block, then one scatter back; a block that receives no
