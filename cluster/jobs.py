@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,11 @@ def client(address: str | None, token: str | None = None):
 
 def submit(job_path: str, *, address: str | None, overrides: list[str] | None = None,
            token: str | None = None, submission_id: str | None = None,
-           resume: str | None = None) -> str:
-    """Validate and submit ``job_path``; returns the submission id."""
+           resume: str | None = None, agent_wait_s: float = 60.0) -> str:
+    """Validate and submit ``job_path``; returns the submission id.
+
+    Waits up to ``agent_wait_s`` for the cluster's job agent (a fresh head node).
+    """
     cfg = load_job(job_path, overrides)
     c = client(address, token)
     workdir = Path(tempfile.mkdtemp(prefix="condmoe-submit-"))
@@ -89,8 +93,17 @@ def submit(job_path: str, *, address: str | None, overrides: list[str] | None = 
         entry += f" --resume {resume}"
     # env vars for the workers come from the driver's ray.init (a job-level copy would conflict)
     runtime_env: dict[str, Any] = {"working_dir": str(workdir)}
-    job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env, submission_id=submission_id,
-                          metadata={"condmoe_run": cfg.run_name, "job_file": str(job_path)})
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env, submission_id=submission_id,
+                                  metadata={"condmoe_run": cfg.run_name, "job_file": str(job_path)})
+            break
+        except RuntimeError as exc:
+            # a head node that just started answers 500 until its job agent is up
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
     log.info("submitted %s as %s", job_path, job_id)
     return job_id
 

@@ -243,13 +243,13 @@ def restore_portable(engine, portable: dict) -> None:
         if "step" in s:
             s["step"] = (torch.tensor(float(portable["optim_step"]), dtype=s["step"].dtype)
                          if torch.is_tensor(s["step"]) else portable["optim_step"])
-    if portable["scheduler"] is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(portable["scheduler"])
-        # push the restored lr into the optimiser's groups now, not at the next step
-        last = engine.lr_scheduler.get_last_lr() if hasattr(engine.lr_scheduler, "get_last_lr") else None
-        if last:
-            for group, lr in zip(engine.optimizer.param_groups, last * len(engine.optimizer.param_groups)):
-                group["lr"] = lr
+    sched = engine.lr_scheduler
+    if portable["scheduler"] is not None and sched is not None:
+        sched.load_state_dict(portable["scheduler"])
+        if hasattr(sched, "last_batch_iteration"):
+            # DeepSpeed schedulers: put the restored iteration's lr into the optimiser groups now
+            # (the next optimiser step runs before the scheduler's next step)
+            sched.step(sched.last_batch_iteration)
 
 
 # ---------------------------------------------------------------- manager

@@ -59,6 +59,6 @@ def tiny_job(data: str | Path, model: str = "test_soft_cnn", *, steps: int = 6, 
     """A job dict for the tiny test models on a Fashion-MNIST shard slice."""
     return {"model": {"name": model, "size": "tiny", "experts": 4, **model_opts},
             "data": {"path": str(data), "batch_size": 32, "eval_batch_size": 128},
-            "optim": {"steps": steps, "lr": 0.003, "schedule": "constant"},
+            "optim": {"steps": steps, "lr": 0.003, "schedule": "warmup", "warmup_steps": 8},
             "checkpoint": {"every": every, "keep_last": 2},
             "metrics": {"log_every": 2, "eval_batches": 1}}
