@@ -98,3 +98,21 @@ def test_bad_routing_weights_shape_is_a_clear_error():
         layer(torch.randn(2, 3, 8, 8), torch.rand(2, 3))
     with pytest.raises(ValueError, match="expected 3 input channels"):
         layer(torch.randn(2, 5, 8, 8), torch.rand(2, 4))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 6 * 9 * 10 * 8, 3 * 6 * 9 * 10 * 8])
+def test_batch_chunks_give_the_same_result(chunk_bytes):
+    # chunks of 1, 2 and 3 examples (5 is not a multiple), forward and gradients
+    torch.manual_seed(4)
+    layer = CondConv2d(6, 6, 3, 2, 1, 1, 3, True, num_experts=3).double()
+    nn.init.normal_(layer.bias)
+    layer.chunk_bytes = chunk_bytes
+    x = torch.randn(5, 6, 9, 10, dtype=torch.float64, requires_grad=True)
+    rw = torch.rand(5, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x, rw)
+    ref = naive_cond_conv2d(layer, x, rw)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, rw, layer.weight, layer.bias], g),
+                    torch.autograd.grad(ref, [x, rw, layer.weight, layer.bias], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
