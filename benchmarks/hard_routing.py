@@ -70,9 +70,11 @@ def _spread_linear(linear: torch.nn.Linear, feats: torch.Tensor, seed: int) -> N
 
 
 def _throughput(fn, batch: int, iters: int) -> float:
-    """Samples per second of ``fn``. With one intra-op thread the clock is this process's CPU time,
-    which time slices lost to other processes on a shared machine do not inflate."""
+    """Samples per second of ``fn`` in steady state (one untimed call first). With one intra-op
+    thread the clock is this process's CPU time, which time slices lost to other processes on a
+    shared machine do not inflate."""
     clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    fn()  # untimed: the previous variant left its own weights and buffers in the caches
     start = clock()
     for _ in range(iters):
         fn()
