@@ -101,6 +101,7 @@ class JobMonitor:
         self._bad_source: Any = None
         self._pending_steps = 0
         self._failed = False
+        self.exporter: ExporterProcess | None = None  # set when this process serves the metrics
 
     # --- hooks handed to train()
     def loader_factory(self, cfg, split: str, batch_size: int, rank: int, world: int, train: bool):
