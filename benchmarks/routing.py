@@ -28,10 +28,14 @@ SHAPES = {
 }
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def _time(fn) -> float:
-    start = time.perf_counter()
+    start = _clock()
     fn()
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def _fwd(f):
@@ -109,12 +113,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "routing.json")
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     header = (f"{'shape':<22}{'E':>3}  {'fwd/static':>10} {'f+b/static':>10} {'naive/cond fwd':>14} "
               f"{'naive/cond f+b':>14} {'alt/cond fwd':>12} {'alt/cond f+b':>12}")
-    print(f"CondConv2d on CPU, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print(f"CondConv2d on CPU, batch {args.batch}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"median of {args.rounds} rounds")
     print(header)
     print("-" * len(header))
     for name in SHAPES:
@@ -134,7 +146,7 @@ def main() -> None:
         print(f"  {r['shape']:<22} fwd {'ok' if ok[0] else 'MISS'}  f+b {'ok' if ok[1] else 'MISS'}  "
               f"vs naive {'ok' if ok[2] else 'MISS'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "targets": targets, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "clock": args.clock, "targets": targets, "rows": rows}, indent=2))
     print("alt/cond: time of the alternative form over condmoe's: whole-batch grouped conv (k > 1 rows,"
           " condmoe chunks the batch) or grouped conv (1x1 rows, condmoe uses a batched matmul)")
     print(f"\nwrote {args.out}")
