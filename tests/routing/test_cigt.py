@@ -9,14 +9,6 @@ from condmoe.routing import CIGTConfig, build_model, collect_routing_stats, coun
 from condmoe.routing.cigt import run_routed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _pair(**options):
     """The same weights in gather and dense execution."""

@@ -9,14 +9,6 @@ from condmoe.routing import CoEConfig, build_model, collect_routing_stats, count
 from condmoe.routing.coe import balanced_assignment
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _coe(**options):
     torch.manual_seed(0)

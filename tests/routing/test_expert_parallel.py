@@ -19,14 +19,6 @@ from condmoe.routing.topk_moe import ImageExpert, TopKMoE
 from expert_parallel_workers import coe_worker, run_ranks, topk_worker
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

@@ -13,14 +13,6 @@ from condmoe.routing.models.topk_moe_cnn import conv_expert
 from condmoe.routing.topk_moe import ImageExpert, TopKMoE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SHAPE = (4, 5, 5)
 D = 100
