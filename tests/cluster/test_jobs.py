@@ -37,12 +37,13 @@ def ray_head():
     """(dashboard URL, token) of a token-auth head node; torn down by process group."""
     token = secrets.token_hex(16)
     tmp = tempfile.mkdtemp(prefix="cmray", dir="/tmp")  # short: unix socket paths are limited
-    gcs, dash = _port(), _port()
+    gcs, dash, agent = _port(), _port(), _port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DS_ACCELERATOR": "cpu",
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}",  # the default 52365 may be another Ray's
          "--num-cpus=4", f"--temp-dir={tmp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     pgid = proc.pid
