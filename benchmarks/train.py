@@ -4,7 +4,8 @@ Same model, same shards (StreamingLoader), same batch size and the same torch
 thread count per process, measured in one run:
 
 - samples/s of the plain loop (AdamW, no DeepSpeed, no Ray) and of
-  ``condmoe train`` with 1 worker (target >= 0.9x) and with 2 workers;
+  ``condmoe train`` with 1 worker (target >= 0.9x), interleaved over rounds
+  (medians), and with 2 workers;
   condmoe's rate is the median of its log intervals after the first
   (warm-up) one, the plain loop's over the same number of steps after warm-up;
 - time from command start to the first finished step (``condmoe train`` as a
@@ -142,6 +143,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="1-worker jobs interleaved with plain loops")
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--shards", type=Path, default=None, help="shard dir (default: written to a temp dir)")
     ap.add_argument("--limit", type=int, default=8000, help="Fashion-MNIST samples per split to shard")
@@ -151,11 +153,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="condmoe-bench-") as tmp:
         storage = Path(tmp)
         shards = _shards(args.shards or storage / "shards", args.limit)
-        # plain loop before and after the 1-worker job: machine load drifts, ratios use their mean
-        plain_runs = [plain_loop(args, shards)]
-        one = condmoe_job(args, _job(args, shards, storage, 1, "w1"), storage, "w1")
-        plain_runs.append(plain_loop(args, shards))
-        plain = statistics.mean(plain_runs)
+        # plain loop and 1-worker job interleaved round by round (machine load drifts on a shared
+        # host); the ratio is of the medians
+        plain_runs, one_runs = [plain_loop(args, shards)], []
+        for r in range(args.rounds):
+            one_runs.append(condmoe_job(args, _job(args, shards, storage, 1, f"w1-{r}"), storage, f"w1-{r}"))
+            plain_runs.append(plain_loop(args, shards))
+        plain = statistics.median(plain_runs)
+        one = {k: statistics.median(run[k] for run in one_runs) for k in one_runs[0]}
         two = condmoe_job(args, _job(args, shards, storage, 2, "w2"), storage, "w2")
         ckpt = checkpoint_io(args, shards, storage)
 
@@ -173,7 +178,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "config": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(),
-        "plain_samples_per_s": plain, "plain_runs": plain_runs, "one_worker": one, "two_workers": two,
+        "plain_samples_per_s": plain, "plain_runs": plain_runs, "one_worker_runs": one_runs, "one_worker": one, "two_workers": two,
         "ratio_one_worker": one["samples_per_s"] / plain, "ratio_two_workers": two["samples_per_s"] / plain,
         "checkpoint": ckpt}, indent=1))
     print(f"wrote {args.out}")
