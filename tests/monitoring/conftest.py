@@ -4,7 +4,7 @@ Shared once per session by the test files:
 - ``soft_updates``: routing stats of a real CondConv network on Fashion-MNIST batches (soft routing);
 - ``scraped_job``: a 2-worker topk_moe job on embedded Ray (hard routing, the exporter actor);
 - ``local_job``: a one-process coe_cnn job without Ray (hard routing with early exits, rank 0's
-  own exporter).
+  own exporter); ``soft_local_job``: the same with condconv_cnn (soft routing).
 Each is scraped by its own Prometheus. Everything started here is stopped in ``finally``;
 Prometheus listens on 127.0.0.1 only and scrapes only 127.0.0.1 targets.
 """
@@ -151,6 +151,31 @@ def scraped_job(fmnist_shards, tmp_path_factory):
         ray.shutdown()
 
 
+def _run_local_job(tmp: Path, config: str, name: str, shards: Path, extra: list[str],
+                   queries: dict[str, str]) -> dict:
+    """Run _local_job.py (one process, no Ray) while a Prometheus scrapes its exporter; query afterwards."""
+    port = free_port()
+    prom = _prometheus(tmp / "prom", port, "250ms")
+    try:
+        prom.start()
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("_local_job.py")), str(ROOT / "configs" / config),
+             str(tmp), f"data.path={shards}", "model.size=tiny", f"optim.steps={LOCAL_STEPS}",
+             "optim.warmup_steps=0", "optim.schedule=constant", "data.batch_size=32", "data.eval_batch_size=128",
+             "metrics.log_every=2", "metrics.prometheus.every_n_steps=3", "metrics.eval_batches=1",
+             "checkpoint.every=0", "checkpoint.portable=false", f"cluster.storage_path={tmp / 'runs'}",
+             f"cluster.name={name}", f"metrics.prometheus.port={port}", *extra],
+            capture_output=True, text=True, timeout=180, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((tmp / "result.json").read_text())
+        # the process is gone, so its series are stale now: read the last scraped values
+        q = {key: prom.query(f'last_over_time({metric}{{job="{name}"}}[5m])') for key, metric in queries.items()}
+        return {"result": result, "q": q, "exposition": (tmp / "exposition.txt").read_text(),
+                "log": proc.stderr, "run_dir": tmp / "runs" / name}
+    finally:
+        prom.stop()
+
+
 @pytest.fixture(scope="session")
 def local_job(fmnist_shards, tmp_path_factory):
     """coe_cnn (hard routing, early exits) for a few steps in one process without Ray, shards missing."""
@@ -159,25 +184,14 @@ def local_job(fmnist_shards, tmp_path_factory):
     shutil.copytree(fmnist_shards, shards)
     for tar in sorted(shards.glob("train-*.tar"))[1:]:  # counted as missing_shard, skipped, batches topped up
         tar.unlink()
-    port = free_port()
-    prom = _prometheus(tmp / "prom", port, "250ms")
-    try:
-        prom.start()
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).with_name("_local_job.py")), str(ROOT / "configs/coe.yaml"),
-             str(tmp), f"data.path={shards}", "model.size=tiny", "model.ep_size=1", f"optim.steps={LOCAL_STEPS}",
-             "optim.warmup_steps=0", "optim.schedule=constant", "data.batch_size=32", "data.eval_batch_size=128",
-             "metrics.log_every=2", "metrics.prometheus.every_n_steps=3", "metrics.eval_batches=1",
-             "checkpoint.every=0", "checkpoint.portable=false",
-             f"cluster.storage_path={tmp / 'runs'}", "cluster.name=localjob", f"metrics.prometheus.port={port}"],
-            capture_output=True, text=True, timeout=180, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads((tmp / "result.json").read_text())
-        # the process is gone, so its series are stale now: read the last scraped values
-        queries = {name: prom.query(f'last_over_time({q}{{job="localjob"}}[5m])') for name, q in [
-            ("assignments", "condmoe_expert_assignments_total"), ("exits", "condmoe_layer_early_exits_total"), ("bad", "condmoe_bad_samples_skipped_total"),
-            ("steps", "condmoe_train_steps_total")]}
-        yield {"result": result, "q": queries, "exposition": (tmp / "exposition.txt").read_text(),
-               "log": proc.stderr, "run_dir": tmp / "runs" / "localjob"}
-    finally:
-        prom.stop()
+    return _run_local_job(tmp, "coe.yaml", "localjob", shards, ["model.ep_size=1"], {
+        "assignments": "condmoe_expert_assignments_total", "exits": "condmoe_layer_early_exits_total",
+        "bad": "condmoe_bad_samples_skipped_total", "steps": "condmoe_train_steps_total"})
+
+
+@pytest.fixture(scope="session")
+def soft_local_job(fmnist_shards, tmp_path_factory):
+    """condconv_cnn (soft routing) for a few steps in one process without Ray."""
+    return _run_local_job(tmp_path_factory.mktemp("soft"), "condconv.yaml", "softlocal", fmnist_shards, [], {
+        "weights": "condmoe_expert_routing_weight_total", "mean": "condmoe_expert_routing_weight_mean",
+        "samples": "condmoe_layer_routed_samples_total"})

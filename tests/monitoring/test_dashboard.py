@@ -1,7 +1,7 @@
 """Every metric a Grafana panel (or variable) queries is one the exporter actually exposes.
 
-Checked against live expositions scraped over HTTP: a hard-routed Ray job, a hard-routed job with
-early exits without Ray, and an exporter fed by a real CondConv network (soft routing).
+Checked against live expositions: a hard-routed Ray job, a hard-routed job with early exits and a
+soft-routed (CondConv) job without Ray, and an exporter fed by a real CondConv network, over HTTP.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _names(text: str) -> set[str]:
     return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def test_every_dashboard_metric_is_exposed(scraped_job, local_job, soft_updates):
+def test_every_dashboard_metric_is_exposed(scraped_job, local_job, soft_local_job, soft_updates):
     exporter = MetricsExporter("softjob", "127.0.0.1", 0)
     try:
         exporter.start()
@@ -36,7 +36,8 @@ def test_every_dashboard_metric_is_exposed(scraped_job, local_job, soft_updates)
             soft = r.read().decode()
     finally:
         exporter.stop()
-    names = _names(scraped_job["exposition"]) | _names(local_job["exposition"]) | _names(soft)
+    names = set().union(*(_names(t) for t in (scraped_job["exposition"], local_job["exposition"],
+                                               soft_local_job["exposition"], soft)))
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15

@@ -1,7 +1,7 @@
 """No Ray: rank 0 of a plain train() serves the exporter; a real Prometheus scrapes it.
 
 Hard routing with early exits (coe_cnn): per-expert assignments and early exits in Prometheus
-equal the job's own totals; a missing shard shows up as skipped bad samples by reason; ``promtool check metrics``
+equal the job's own totals; soft routing (condconv_cnn): summed routing weights equal them too; a missing shard shows up as skipped bad samples by reason; ``promtool check metrics``
 finds no problem in the live exposition.
 """
 
@@ -44,3 +44,17 @@ def test_promtool_finds_no_problem(local_job):
     proc = subprocess.run([promtool, "check", "metrics"], input=local_job["exposition"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+
+
+def test_soft_routing_weights_in_prometheus_equal_the_jobs_totals(soft_local_job):
+    routing, q = soft_local_job["result"]["routing"], soft_local_job["q"]
+    assert routing and all(d["kind"] == "soft" for d in routing.values())
+    got = {(r["metric"]["layer"], int(r["metric"]["expert"])): float(r["value"][1]) for r in q["weights"]}
+    want = {(layer, e): v for layer, d in routing.items() for e, v in enumerate(d["load"])}
+    assert set(got) == set(want)
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, rel=1e-9), key
+    samples = {r["metric"]["layer"]: float(r["value"][1]) for r in q["samples"]}
+    assert samples == {layer: d["samples"] for layer, d in routing.items()}
+    mean = [float(r["value"][1]) for r in q["mean"]]
+    assert len(mean) == len(want) and all(0.0 < m < 1.0 for m in mean)  # sigmoid routing weights
