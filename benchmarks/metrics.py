@@ -27,7 +27,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from condmoe.cluster.metrics import ExporterProcess, MetricsExporter
+from condmoe.cluster.exporter_hosts import ExporterProcess
+from condmoe.cluster.metrics import MetricsExporter
 from condmoe.datasets.idx import load_default_images
 from condmoe.routing import build_model, collect_routing_stats
 

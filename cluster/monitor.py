@@ -27,7 +27,7 @@ import torch
 
 from condmoe.routing import RoutingStats, accumulate_stats
 
-from .metrics import ExporterProcess, find_job_exporter
+from .exporter_hosts import ExporterProcess, find_job_exporter
 from .parquet_log import ParquetLog
 
 log = logging.getLogger(__name__)
