@@ -3,8 +3,8 @@
 1. writes Fashion-MNIST as WebDataset shards under ``data/fashion_mnist`` (once);
 2. trains ``configs/condconv.yaml`` (condconv_cnn/small, 8 experts) with 2 workers
    on an embedded local Ray, DeepSpeed ZeRO on gloo, for a few hundred steps;
-3. prints test accuracy beside multiply-adds per sample, the expert-use table of
-   the whole run, and where the checkpoint is.
+3. prints test accuracy beside multiply-adds per sample, where the checkpoint is,
+   the job's Prometheus exporter URL, and ends with the expert-use table of the run.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     totals = {name: RoutingStats.from_load(torch.tensor(d["load"]), d["samples"], dropped=d["dropped"],
                                            early_exits=d["early_exits"], kind=d["kind"])
               for name, d in meta.get("routing", {}).items()}
-    console.print(expert_table(totals, title="expert use over the run (summed routing weights, all workers)"))
     console.print(f"checkpoint:     {res.checkpoint}")
     console.print(f"run directory:  {res.run_dir}  (resume: condmoe train {args.job} --resume {res.run_dir})")
+    console.print(f"Prometheus:     {res.exporter_url or 'exporter off'} (served while the job ran; "
+                  f"plots: condmoe report {res.run_dir})")
+    console.print(expert_table(totals, title="expert use over the run (summed routing weights, all workers)"))
     return 0

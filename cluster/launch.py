@@ -36,6 +36,7 @@ class LaunchResult:
     checkpoint: Path | None
     run_dir: Path
     error: str | None = None
+    exporter_url: str | None = None
 
 
 def check_address(address: str, timeout: float = 3.0) -> None:
@@ -169,7 +170,7 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
         ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
         err = repr(result.error) if getattr(result, "error", None) else None
         return LaunchResult(metrics=dict(result.metrics or {}), checkpoint=ckpt,
-                            run_dir=cfg.run_dir, error=err)
+                            run_dir=cfg.run_dir, error=err, exporter_url=exporter.url)
     finally:
         exporter.stop()
         if started:
