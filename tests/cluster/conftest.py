@@ -22,7 +22,7 @@ def ray_local():
     import ray
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     try:
         yield ray

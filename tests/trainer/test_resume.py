@@ -77,10 +77,10 @@ def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path, fmnist_shards):
     job = tiny_job(fmnist_shards, "test_moe_cnn", steps=6, every=3, ep_size=2)
     full = run_workers(job_file(job, "full"), 2, tmp_path / "full.json")
     assert full["losses"][6] < full["losses"][1]
-    first = run_workers(job_file({**job, "optim": {**job["optim"], "steps": 3}}, "first"), 2,
-                        tmp_path / "first.json")
-    ckpt = first["checkpoint"]
-    names = {p.name for p in (list_checkpoints(tmp_path / "runs" / "first" / "checkpoints")[-1] / "ds").iterdir()}
+    ckpt_dir = list_checkpoints(tmp_path / "runs" / "full" / "checkpoints")[0]  # step 3 of the same run
+    ckpt = str(ckpt_dir)
+    assert read_meta(ckpt)["step"] == 3 and read_meta(ckpt)["ep_size"] == 2
+    names = {p.name for p in (ckpt_dir / "ds").iterdir()}
     assert any(n.startswith("layer_0_expert_") for n in names), names  # DeepSpeed's expert shards
     one = run_workers(job_file(job, "one"), 1, tmp_path / "one.json", resume=ckpt,
                       overrides=["model.ep_size=1"])
