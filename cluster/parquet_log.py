@@ -2,12 +2,14 @@
 
 Layout under the run directory::
 
-    monitor/routing/part-<attempt>-<seq>.parquet   one row per (report, routed layer)
+    monitor/routing/part-<attempt>-<seq>.parquet   one row per (optimiser step, routed layer)
     monitor/train/part-<attempt>-<seq>.parquet     one row per report (loss, throughput, eval)
 
-A row covers the ``steps`` optimiser steps since the previous report (the
-loop reports every ``metrics.log_every`` steps; with 1 that is every step).
-Routing rows hold the stats summed over all ranks. Rows are buffered and
+Routing rows hold each step's stats summed over all ranks (the loop sends them
+as ``routing_steps`` with every report, all-reduced in one collective); a train
+row covers the ``steps`` optimiser steps since the previous report (the loop
+reports every ``metrics.log_every`` steps). A report without ``routing_steps``
+gives one routing row per layer for its whole interval. Rows are buffered and
 written as a new file at each checkpoint, every ``flush_rows`` rows and at
 the end, so a crash loses at most the rows since the last checkpoint. After a
 restart the resumed attempt rewrites steps the failed one had already
@@ -68,11 +70,16 @@ class ParquetLog:
         self._last_step = step
         now = time.time()
         base = {"step": step, "steps": steps, "time": int(now * 1000), "attempt": self.attempt}
-        for layer, d in (metrics.get("routing") or {}).items():
-            self._routing.append({**base, "layer": layer, "kind": d["kind"], "experts": len(d["load"]),
-                                  "load": [float(v) for v in d["load"]], "samples": int(d["samples"]),
-                                  "dropped": int(d["dropped"]), "early_exits": int(d["early_exits"]),
-                                  "entropy": float(d["entropy"]), "imbalance": float(d["imbalance"])})
+        per_step = metrics.get("routing_steps")
+        if per_step is None:
+            per_step = [{"step": step, "steps": steps, "routing": metrics.get("routing") or {}}]
+        for entry in per_step:
+            row = {**base, "step": int(entry["step"]), "steps": entry.get("steps", 1)}
+            for layer, d in entry["routing"].items():
+                self._routing.append({**row, "layer": layer, "kind": d["kind"], "experts": len(d["load"]),
+                                      "load": [float(v) for v in d["load"]], "samples": int(d["samples"]),
+                                      "dropped": int(d["dropped"]), "early_exits": int(d["early_exits"]),
+                                      "entropy": float(d["entropy"]), "imbalance": float(d["imbalance"])})
         self._train.append({**base, **{k: _float(metrics.get(k)) for k in (
             "loss", "lr", "samples_per_s", "eval_accuracy", "eval_macs_per_sample", "eval_exit_rate")},
             "checkpoint": str(checkpoint) if checkpoint else None})
@@ -126,7 +133,7 @@ def _read(run_dir: str | Path, sub: str, schema: pa.Schema, keys: list[str]) -> 
 
 
 def read_routing(run_dir: str | Path) -> pa.Table:
-    """All routing rows of a run (one per report and layer), sorted by step."""
+    """All routing rows of a run (one per step and layer), sorted by step."""
     return _read(run_dir, "routing", ROUTING_SCHEMA, ["step", "layer"])
 
 

@@ -72,25 +72,41 @@ class TrainResult:
 
 def allreduce_stats(stats: dict[str, RoutingStats]) -> dict[str, RoutingStats]:
     """Sum per-layer RoutingStats over all ranks (layers missing on a rank count as zero)."""
+    return allreduce_step_stats([stats])[0]
+
+
+def allreduce_step_stats(steps: list[dict[str, RoutingStats]]) -> list[dict[str, RoutingStats]]:
+    """Sum each step's per-layer RoutingStats over all ranks, every step in ONE all-reduce.
+
+    A layer appears in a step's result when it ran on any rank in that step; where
+    it did not run on a rank it counts as zero there.
+    """
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(stats)
-    local = {n: (s.num_experts, s.kind) for n, s in stats.items()}
+        return [dict(s) for s in steps]
+    local = [{n: (s.num_experts, s.kind) for n, s in step.items()} for step in steps]
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, local)
-    layout: dict[str, tuple[int, str]] = {}
-    for part in every:
-        layout.update(part)
-    names = sorted(layout)
-    if not names:
-        return {}
-    flat = torch.cat([stats[n].to_tensor() if n in stats
-                      else torch.zeros(layout[n][0] + 3, dtype=torch.float64) for n in names])
+    if any(len(part) != len(steps) for part in every):
+        raise RuntimeError(f"ranks report routing stats for different step counts: {[len(p) for p in every]}")
+    layouts: list[dict[str, tuple[int, str]]] = []
+    for i in range(len(steps)):
+        layout: dict[str, tuple[int, str]] = {}
+        for part in every:
+            layout.update(part[i])
+        layouts.append(dict(sorted(layout.items())))
+    chunks = [steps[i][n].to_tensor() if n in steps[i] else torch.zeros(e + 3, dtype=torch.float64)
+              for i, layout in enumerate(layouts) for n, (e, _) in layout.items()]
+    if not chunks:
+        return [{} for _ in steps]
+    flat = torch.cat(chunks)
     dist.all_reduce(flat)
-    out, i = {}, 0
-    for n in names:
-        e, kind = layout[n]
-        out[n] = RoutingStats.from_tensor(flat[i:i + e + 3], kind=kind)
-        i += e + 3
+    out, at = [], 0
+    for layout in layouts:
+        merged = {}
+        for n, (e, kind) in layout.items():
+            merged[n] = RoutingStats.from_tensor(flat[at:at + e + 3], kind=kind)
+            at += e + 3
+        out.append(merged)
     return out
 
 
@@ -218,7 +234,8 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         if rank == 0:  # the run's own history, also without Ray
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
             with open(metrics_file, "a") as f:
-                f.write(json.dumps({**metrics, "checkpoint": str(path) if path else None}) + "\n")
+                line = {k: v for k, v in metrics.items() if k != "routing_steps"}  # per-step rows: Parquet log
+                f.write(json.dumps({**line, "checkpoint": str(path) if path else None}) + "\n")
         if report is not None:
             report(metrics, path if rank == 0 else None)
 
@@ -229,7 +246,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
                 "config": dump_job(cfg)}
         return ckpts.save(engine, step, meta)
 
-    interval: dict[str, RoutingStats] = {}
+    interval_steps: list[tuple[int, dict[str, RoutingStats]]] = []  # (step, this rank's stats) since the last report
 
     def interval_totals() -> dict[str, RoutingStats]:
         # run totals on this rank = restored global totals (rank 0 only) + this attempt's
@@ -252,6 +269,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         _report(metrics, Path(source))
     while result.step < cfg.optim.steps:
         loss_sum = 0.0
+        this_step: dict[str, RoutingStats] = {}
         for _ in range(cfg.optim.grad_accum):
             batch = batches.next()
             out = engine(batch.images, batch.labels)
@@ -259,7 +277,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
             engine.step()
             loss_sum += float(out.loss.detach())
             stats = collect_routing_stats(engine.module)
-            interval = accumulate_stats(interval, stats)
+            this_step = accumulate_stats(this_step, stats)
             run_local = accumulate_stats(run_local, stats)
             if keys_file is not None:
                 keys_file.write(json.dumps({"step": result.step + 1, "epoch": batches.epoch,
@@ -268,6 +286,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
                 keys_file.flush()
         result.step += 1
         step = result.step
+        interval_steps.append((step, this_step))
         loss = _allreduce_sum([loss_sum / cfg.optim.grad_accum])[0] / world
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
@@ -287,9 +306,15 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
                                    "samples_per_s": samples_last / max(now - t_last, 1e-9),
                                    "time": time.time(), "first_step_time": first_step_time}
         t_last, samples_last = now, 0
-        routing = allreduce_stats(interval)
-        interval = {}
+        # every step's stats summed over ranks, in one collective per report
+        per_step = allreduce_step_stats([st for _, st in interval_steps])
+        routing: dict[str, RoutingStats] = {}
+        for st in per_step:
+            routing = accumulate_stats(routing, st)
         metrics["routing"] = {n: s.as_dict() for n, s in routing.items()}
+        metrics["routing_steps"] = [{"step": k, "routing": {n: s.as_dict() for n, s in st.items()}}
+                                    for (k, _), st in zip(interval_steps, per_step)]
+        interval_steps = []
         if do_eval:
             metrics.update(evaluate(engine, eval_loader, max_batches=cfg.metrics.eval_batches,
                                     start_state=eval_start))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from prom_server import PrometheusServer
+from prom_server import JOB_STEPS, LOCAL_STEPS, ROOT, PrometheusServer, free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-ROOT = Path(__file__).resolve().parents[2]
-JOB_STEPS = 8
-LOCAL_STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prometheus(workdir: Path, port: int, interval: str) -> PrometheusServer:

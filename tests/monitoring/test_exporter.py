@@ -11,7 +11,7 @@ import pytest
 from condmoe.cluster.cli import main
 from condmoe.cluster.metrics import JobMetrics, MetricsExporter, parse_exposition
 
-from conftest import free_port
+from prom_server import free_port
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -11,7 +11,7 @@ import pytest
 
 from condmoe.cluster.parquet_log import read_routing, read_train, routing_totals
 from condmoe.trainer.checkpoint import list_checkpoints, read_meta
-from conftest import JOB_STEPS as STEPS
+from prom_server import JOB_STEPS as STEPS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import LOCAL_STEPS as STEPS
+from prom_server import LOCAL_STEPS as STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -58,3 +58,18 @@ def test_soft_routing_weights_in_prometheus_equal_the_jobs_totals(soft_local_job
     assert samples == {layer: d["samples"] for layer, d in routing.items()}
     mean = [float(r["value"][1]) for r in q["mean"]]
     assert len(mean) == len(want) and all(0.0 < m < 1.0 for m in mean)  # sigmoid routing weights
+
+
+def test_parquet_log_has_one_routing_row_per_step_even_between_reports(local_job):
+    # the job reports every 2 steps (metrics.log_every=2) but the Parquet log holds every step
+    from condmoe.cluster.parquet_log import read_routing, routing_totals
+
+    table = read_routing(local_job["run_dir"])
+    routing = local_job["result"]["routing"]
+    steps = table.column("step").to_pylist()
+    assert sorted(set(steps)) == list(range(1, STEPS + 1))
+    assert set(table.column("steps").to_pylist()) == {1}
+    per_step_samples = {(r["step"], r["layer"]): r["samples"] for r in table.to_pylist()}
+    assert all(v == 32 for v in per_step_samples.values())  # data.batch_size=32 per step, all ranks
+    summed = routing_totals(local_job["run_dir"])
+    assert {n: s.load.tolist() for n, s in summed.items()} == {n: d["load"] for n, d in routing.items()}

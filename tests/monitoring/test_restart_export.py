@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from condmoe.cluster.parquet_log import routing_totals
 from condmoe.trainer.checkpoint import latest_checkpoint, read_meta
 
-from conftest import ROOT
+from prom_server import ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(420)]
 
