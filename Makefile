@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/hard_routing.py
 	$(PY) benchmarks/metrics.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
