@@ -14,7 +14,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from condmoe.datasets import MANIFEST_NAME, write_shards
@@ -89,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"multiply-adds:  {m['eval_macs_per_sample'] / 1e6:.3f}M per sample "
                   f"(routing FCs and kernel mixing included)")
     meta = read_meta(res.checkpoint)
-    totals = {name: RoutingStats.from_load(torch.tensor(d["load"]), d["samples"], dropped=d["dropped"],
-                                           early_exits=d["early_exits"], kind=d["kind"])
-              for name, d in meta.get("routing", {}).items()}
+    totals = {name: RoutingStats.from_dict(d) for name, d in meta.get("routing", {}).items()}
     console.print(f"checkpoint:     {res.checkpoint}")
     console.print(f"run directory:  {res.run_dir}  (resume: condmoe train {args.job} --resume {res.run_dir})")
     console.print(f"Prometheus:     {res.exporter_url or 'exporter off'} (served while the job ran; "

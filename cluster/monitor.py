@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from condmoe.routing import RoutingStats, accumulate_stats
 
@@ -131,8 +130,7 @@ class JobMonitor:
         if self.parquet is not None:
             self.parquet.add(metrics, path)
         for name, d in (metrics.get("routing") or {}).items():
-            s = RoutingStats.from_load(torch.tensor(d["load"], dtype=torch.float64), d["samples"],
-                                       dropped=d["dropped"], early_exits=d["early_exits"], kind=d["kind"])
+            s = RoutingStats.from_dict(d)
             self._routing = accumulate_stats(self._routing, {name: s})
         prev = self._prev_step if self._prev_step is not None else step - 1
         self._pending_steps += max(0, step - prev)

@@ -143,9 +143,7 @@ def read_train(run_dir: str | Path) -> pa.Table:
 
 
 def routing_totals(run_dir: str | Path, last_steps: int | None = None):
-    """{layer: RoutingStats} summed over the run (or over the reports of the last ``last_steps`` steps)."""
-    import torch
-
+    """{layer: RoutingStats} summed over the run (or over the rows of the last ``last_steps`` steps)."""
     from condmoe.routing import RoutingStats
 
     table = read_routing(run_dir)
@@ -155,7 +153,6 @@ def routing_totals(run_dir: str | Path, last_steps: int | None = None):
         rows = [r for r in rows if r["step"] > top - last_steps]
     out: dict[str, RoutingStats] = {}
     for r in rows:
-        s = RoutingStats.from_load(torch.tensor(r["load"], dtype=torch.float64), r["samples"],
-                                   dropped=r["dropped"], early_exits=r["early_exits"], kind=r["kind"])
+        s = RoutingStats.from_dict(r)
         out[r["layer"]] = out[r["layer"]] + s if r["layer"] in out else s
     return out

@@ -114,6 +114,12 @@ class RoutingStats:
             kind=kind,
         )
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoutingStats":
+        """Inverse of :meth:`as_dict` (entropy and imbalance are derived, so ignored)."""
+        return cls.from_load(torch.as_tensor(d["load"], dtype=torch.float64), d["samples"],
+                             dropped=d["dropped"], early_exits=d["early_exits"], kind=d["kind"])
+
     def as_dict(self) -> dict:
         return {
             "kind": self.kind,

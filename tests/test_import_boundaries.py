@@ -46,8 +46,7 @@ def _all_imports(path: Path) -> set[str]:
 def test_package_respects_layering(package):
     bad = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        imports = _all_imports(path) if package != "routing" else _all_imports(path)
-        for name in imports:
+        for name in _all_imports(path):
             if any(name == f or name.startswith(f + ".") for f in FORBIDDEN[package]):
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
         if package == "routing":

@@ -215,9 +215,7 @@ def train(cfg: JobConfig, *, report: Report | None = None, resume: str | Path | 
         meta = ckpts.load(engine, source, world_size=world, ep_size=cfg.model.ep_size)
         result.step, result.resumed_from = int(meta["step"]), source
         data_state = meta.get("data", data_state)
-        totals = {n: RoutingStats.from_load(torch.tensor(d["load"]), d["samples"], dropped=d["dropped"],
-                                            early_exits=d["early_exits"], kind=d["kind"])
-                  for n, d in meta.get("routing", {}).items()}
+        totals = {n: RoutingStats.from_dict(d) for n, d in meta.get("routing", {}).items()}
         log.info("resumed from %s at step %d", source, result.step)
     batches = _Batches(train_loader, int(data_state.get("epoch", 0)))
     if "loader" in data_state:

@@ -28,6 +28,8 @@ def test_add_and_tensor_round_trip():
     assert s.load.tolist() == [5.0, 2.0] and (s.samples, s.dropped, s.early_exits) == (7, 1, 3)
     back = RoutingStats.from_tensor(s.to_tensor())
     assert back.load.tolist() == s.load.tolist() and back.samples == 7 and back.early_exits == 3
+    again = RoutingStats.from_dict(s.as_dict())
+    assert again.load.tolist() == s.load.tolist() and again.as_dict() == s.as_dict()
     with pytest.raises(ValueError, match="2 and 3 experts"):
         a + RoutingStats.from_load(torch.ones(3), 1)
     with pytest.raises(ValueError, match="kind"):
