@@ -155,40 +155,55 @@ def _init_optimizer_state(engine, keys: list[str]) -> None:
     """
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
-    for group in base.param_groups:
-        for p in group["params"]:
-            state = base.state[p]
-            if state:
-                continue
-            for k in keys:
-                state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if keys and k != "momentum_buffer":
-                state["step"] = torch.tensor(0.0)
+    # ZeRO 3 steps the torch optimiser on its flat fp32 partitions, not on the groups' params
+    flat = getattr(opt, "fp32_partitioned_groups_flat", None)
+    tensors = list(flat) if flat is not None else [p for g in base.param_groups for p in g["params"]]
+    for p in tensors:
+        state = base.state[p]
+        if state:
+            continue
+        for k in keys:
+            state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if keys and k != "momentum_buffer":
+            state["step"] = torch.tensor(0.0)
     if hasattr(opt, "_hp_optimizer_states_linked"):
         opt._hp_optimizer_states_linked = False
+
+
+def _unsharded(engine) -> bool:
+    """True when the torch optimiser holds the parameters themselves (ZeRO 0, fp32).
+
+    Then every rank has the full fp32 value in ``p`` and the optimiser state in
+    ``optimizer.state[p]``; DeepSpeed's fragment API (ZeRO >= 1, or bf16) does not apply.
+    """
+    return engine.zero_optimization_stage() == 0 and not hasattr(engine.optimizer, "optimizer")
 
 
 def consolidate(engine) -> dict | None:
     """Gather full fp32 weights and optimiser state by global name (collective).
 
-    Returns the portable state on rank 0, None elsewhere. Needs ZeRO stage >= 1
-    (params linked to their fp32 partitions).
+    Returns the portable state on rank 0, None elsewhere. ZeRO 1-3 and bf16:
+    through DeepSpeed's fragment API; ZeRO 0 in fp32: straight from the params.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    _zero_opt(engine)
+    plain = _unsharded(engine)
+    if not plain:
+        _zero_opt(engine)
     module = engine.module
     layout = _expert_layout(module)
-    keys = [k for k in OPTIM_KEYS if any(k in s for s in _base_state(engine).values())]
+    state = _base_state(engine)
+    keys = [k for k in OPTIM_KEYS if any(k in s for s in state.values())]
     dense: dict[str, dict[str, torch.Tensor]] = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p)
+        full = p if plain else safe_get_full_fp32_param(p)
         if full is None:
-            raise ValueError("portable checkpoints need deepspeed.zero_stage >= 1")
+            raise ValueError(f"parameter {name!r} has no fp32 master copy to checkpoint")
         entry = {"param": full.detach().cpu().clone()}
         for k in keys:
-            entry[k] = safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+            value = state.get(p, {}).get(k) if plain else safe_get_full_optimizer_state(p, k)
+            entry[k] = (torch.zeros_like(entry["param"]) if value is None else value.detach().cpu().clone())
         (experts if name in layout else dense)[to_global(name, layout)] = entry
     gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [experts]
     if dist.is_initialized():
@@ -219,7 +234,10 @@ def restore_portable(engine, portable: dict) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _init_optimizer_state(engine, portable["optim_keys"])
-    _zero_opt(engine)
+    plain = _unsharded(engine)
+    if not plain:
+        _zero_opt(engine)
+    state = _base_state(engine)
     module = engine.module
     layout = _expert_layout(module)
     params = portable["params"]
@@ -228,14 +246,21 @@ def restore_portable(engine, portable: dict) -> None:
         if gname not in params:
             raise ValueError(f"checkpoint has no parameter {gname!r} (model changed?)")
         entry = params[gname]
-        if tuple(entry["param"].shape) != tuple(p.shape):
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO 3: p holds only its partition
+        if tuple(entry["param"].shape) != shape:
             raise ValueError(f"parameter {gname!r}: checkpoint shape {tuple(entry['param'].shape)} "
-                             f"!= model {tuple(p.shape)}")
+                             f"!= model {shape}")
         with torch.no_grad():
-            p.data.copy_(entry["param"].to(p.dtype))
+            if not hasattr(p, "ds_id"):
+                p.data.copy_(entry["param"].to(p.dtype))
+            if plain:
+                for k in portable["optim_keys"]:
+                    state[p][k].copy_(entry[k])
+                continue
         safe_set_full_fp32_param(p, entry["param"].to(p.device))
         for k in portable["optim_keys"]:
             safe_set_full_optimizer_state(p, entry[k].to(p.device), k)
+    _refresh_zero3_params(engine)
     for n, b in module.named_buffers():
         if n in portable["buffers"]:
             b.data.copy_(portable["buffers"][n])
@@ -250,6 +275,35 @@ def restore_portable(engine, portable: dict) -> None:
             # DeepSpeed schedulers: put the restored iteration's lr into the optimiser groups now
             # (the next optimiser step runs before the scheduler's next step)
             sched.step(sched.last_batch_iteration)
+
+
+def _refresh_zero3_params(engine) -> None:
+    """ZeRO 3: copy the restored fp32 partitions into the partitions forward gathers from.
+
+    DeepSpeed's setter fills only the optimiser's fp32 copy; the module's own
+    partitions (and the always-gathered small "persistent" params) would keep
+    their fresh-init values until the next optimiser step.
+    """
+    if engine.zero_optimization_stage() != 3:
+        return
+    opt = engine.optimizer
+    with torch.no_grad():
+        for group in range(len(opt.fp16_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(group)
+        if opt.persistent_parameters:
+            opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
+
+
+def _saved_zero_stage(meta: dict) -> int | None:
+    """The ZeRO stage a checkpoint was written at (older ones: from their saved config)."""
+    if "zero_stage" in meta:
+        return int(meta["zero_stage"])
+    try:
+        import yaml
+
+        return int(yaml.safe_load(meta["config"])["deepspeed"]["zero_stage"])
+    except (KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
 
 
 # ---------------------------------------------------------------- manager
@@ -290,7 +344,8 @@ class CheckpointManager:
             if portable is not None:
                 torch.save(portable, tmp / "portable.pt")
             world = dist.get_world_size() if dist.is_initialized() else 1
-            full_meta = {"step": step, "world_size": world, "portable": portable is not None, **meta}
+            full_meta = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                         "portable": portable is not None, **meta}
             (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, default=str))
             _fsync_tree(tmp)
             if before_commit is not None:
@@ -313,12 +368,15 @@ class CheckpointManager:
     def load(self, engine, ckpt: str | Path, *, world_size: int, ep_size: int) -> dict:
         """Restore engine state from ``ckpt``; returns its meta dict (every rank).
 
-        Same topology: DeepSpeed's own sharded load. Different worker count or
-        ep_size: the consolidated portable state, re-sharded here.
+        Same topology: DeepSpeed's own sharded load. Different worker count,
+        ep_size or ZeRO stage: the consolidated portable state, re-sharded here.
         """
         ckpt = Path(ckpt)
         meta = read_meta(ckpt)
-        same = meta["world_size"] == world_size and meta.get("ep_size", 1) == ep_size
+        saved_stage = _saved_zero_stage(meta)
+        stage = engine.zero_optimization_stage()
+        same = (meta["world_size"] == world_size and meta.get("ep_size", 1) == ep_size
+                and saved_stage == stage)
         if same:
             path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
@@ -328,11 +386,11 @@ class CheckpointManager:
             if not meta.get("portable"):
                 raise ValueError(
                     f"checkpoint {ckpt} was saved on {meta['world_size']} workers (ep "
-                    f"{meta.get('ep_size', 1)}) without checkpoint.portable; it can only resume "
-                    f"on that topology, not {world_size} (ep {ep_size})")
+                    f"{meta.get('ep_size', 1)}, ZeRO {saved_stage}) without checkpoint.portable; it can "
+                    f"only resume on that topology, not {world_size} (ep {ep_size}, ZeRO {stage})")
             restore_portable(engine, torch.load(ckpt / "portable.pt", weights_only=False))
-            log.info("re-sharded checkpoint %s: world %d -> %d, ep %d -> %d", ckpt,
-                     meta["world_size"], world_size, meta.get("ep_size", 1), ep_size)
+            log.info("re-sharded checkpoint %s: world %d -> %d, ep %d -> %d, ZeRO %s -> %d", ckpt,
+                     meta["world_size"], world_size, meta.get("ep_size", 1), ep_size, saved_stage, stage)
         engine.global_steps = int(meta["step"])
         engine.global_samples = int(meta.get("samples", 0))
         return meta

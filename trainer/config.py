@@ -98,7 +98,7 @@ class DeepSpeedConfig(_Section):
         True, description="use torch's Adam instead of DeepSpeed's fused op (CPU accelerator)"
     )
     extra: dict[str, Any] = Field(
-        default_factory=dict, description="merged into the generated DeepSpeed JSON last"
+        default_factory=dict, description="merged key by key into the generated DeepSpeed JSON, last"
     )
 
 
@@ -361,5 +361,13 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
         ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": False})
     if cfg.model.hard_routed and cfg.deepspeed.zero_stage > 0:
         ds["zero_allow_untested_optimizer"] = True
-    ds.update(cfg.deepspeed.extra)
-    return ds
+    return _merge(ds, cfg.deepspeed.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, nested dicts merged key by key (so a zero_optimization
+    option in deepspeed.extra keeps the generated stage)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -99,3 +99,13 @@ def test_schedules():
     cfg = job_from_dict({**base, "optim": {"schedule": "constant", "optimizer": "sgd"}})
     ds = deepspeed_config(cfg, 1)
     assert "scheduler" not in ds and ds["optimizer"]["type"] == "SGD"
+
+
+def test_deepspeed_extra_merges_nested_keys():
+    cfg = job_from_dict({"model": {"name": "condconv_cnn"}, "data": {"path": "/x"},
+                         "deepspeed": {"zero_stage": 3, "extra": {
+                             "zero_optimization": {"stage3_param_persistence_threshold": 0},
+                             "gradient_clipping": 0.5}}})
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == cfg.data.batch_size

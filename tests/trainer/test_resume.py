@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 import json
+from pathlib import Path
 
 from condmoe.trainer.checkpoint import list_checkpoints, read_meta
 
@@ -86,3 +87,58 @@ def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path, fmnist_shards):
                       overrides=["model.ep_size=1"])
     assert sorted(one["losses"]) == [4, 5, 6]
     _close(one["losses"], full["losses"], [4, 5, 6], 2e-3)
+
+
+def _portable_params(ckpt) -> dict:
+    import torch
+
+    return {n: e["param"] for n, e in torch.load(Path(ckpt) / "portable.pt", weights_only=False)["params"].items()}
+
+
+def _same_params(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        diff = (a[n] - b[n]).abs().max().item()
+        assert diff <= atol, f"{n}: max |diff| {diff}"
+
+
+@pytest.mark.parametrize("stage,world", [(3, 2), (0, 1)])
+def test_resume_into_other_zero_stage(job_file, tmp_path, fmnist_shards, stage, world):
+    """A ZeRO-2 checkpoint of 2 workers resumes at ZeRO 3 (2 workers) and ZeRO 0 (1 worker).
+
+    The next steps' losses match the uninterrupted ZeRO-2 run, the checkpoint the
+    resumed run writes at its own stage holds the same weights as the ZeRO-2 run's,
+    and a run started again at that stage loads its own (same-topology) checkpoint.
+    """
+    base = tiny_job(fmnist_shards, steps=6, every=3)
+    full = run_workers(job_file(base, "full"), 2, tmp_path / "full.json")
+    ckpts = list_checkpoints(tmp_path / "runs" / "full" / "checkpoints")
+    assert [read_meta(c)["step"] for c in ckpts] == [3, 6]
+    # ZeRO 3 with no "persistent" small params: every param really is partitioned
+    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {}
+    job = job_file({**base, "deepspeed": {"zero_stage": stage, "extra": extra}}, "other")
+    other = run_workers(job, world, tmp_path / "other.json", resume=str(ckpts[0]))
+    assert sorted(other["losses"]) == [4, 5, 6]
+    _close(other["losses"], full["losses"], [4, 5, 6], 1e-4)
+    saved = Path(other["checkpoint"])
+    assert read_meta(saved)["step"] == 6 and read_meta(saved)["portable"]
+    _same_params(_portable_params(saved), _portable_params(ckpts[1]), 1e-4)
+    again = run_workers(job, world, tmp_path / "again.json")
+    assert again["step"] == 6 and again["resumed_from"] == str(saved)
+    assert abs(again["eval"]["eval_accuracy"] - other["eval"]["eval_accuracy"]) < 1e-9
+
+
+def test_expert_parallel_resume_ep1_to_ep2(job_file, tmp_path, fmnist_shards):
+    """Growing the expert-parallel group: a 1-worker ep-1 checkpoint resumes on 2 workers at ep 2."""
+    job = tiny_job(fmnist_shards, "test_moe_cnn", steps=6, every=3, ep_size=1)
+    solo = run_workers(job_file(job, "solo"), 1, tmp_path / "solo.json")
+    assert solo["losses"][6] < solo["losses"][1]
+    ckpt = str(list_checkpoints(tmp_path / "runs" / "solo" / "checkpoints")[0])
+    assert read_meta(ckpt)["step"] == 3 and read_meta(ckpt)["ep_size"] == 1
+    two = run_workers(job_file(job, "two"), 2, tmp_path / "two.json", resume=ckpt,
+                      overrides=["model.ep_size=2"])
+    assert sorted(two["losses"]) == [4, 5, 6]
+    _close(two["losses"], solo["losses"], [4, 5, 6], 2e-3)
+    # the ep-2 run's own checkpoint names every expert by its global id, as the ep-1 run's does
+    _same_params(_portable_params(two["checkpoint"]), _portable_params(
+        list_checkpoints(tmp_path / "runs" / "solo" / "checkpoints")[1]), 5e-3)
