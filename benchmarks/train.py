@@ -3,11 +3,15 @@
 Same model, same shards (StreamingLoader), same batch size and the same torch
 thread count per process, measured in one run:
 
-- samples/s of the plain loop (AdamW, no DeepSpeed, no Ray) and of
-  ``condmoe train`` with 1 worker (target >= 0.9x), interleaved over rounds
-  (medians), and with 2 workers;
+- samples/s of the plain loop (AdamW, no DeepSpeed, no Ray; a process of its
+  own, started as a user would) and of ``condmoe train`` with 1 worker
+  (target >= 0.9x), interleaved over rounds (medians), and with 2 workers;
   condmoe's rate is the median of its log intervals after the first
   (warm-up) one, the plain loop's over the same number of steps after warm-up;
+- the plain loop again with condmoe's worker environment (its malloc settings),
+  so the ratio is also given with the allocator out of the picture;
+- ``condmoe train`` with 1 worker keeping ZeRO stage ``--zero``
+  (``deepspeed.zero_on_one_worker``; by default one worker runs stage 0);
 - time from command start to the first finished step (``condmoe train`` as a
   subprocess, DeepSpeed's op cache warm);
 - checkpoint save / load seconds per MB (sharded DeepSpeed files + portable state).
@@ -44,11 +48,11 @@ def _shards(path: Path, limit: int) -> Path:
     return write_shards("fashion_mnist", path, samples_per_shard=1000, limit=limit)
 
 
-def _job(args, shards: Path, storage: Path, workers: int, name: str) -> Path:
+def _job(args, shards: Path, storage: Path, workers: int, name: str, keep_zero: bool = False) -> Path:
     tree = {"model": {"name": args.model, "size": args.size, "experts": args.experts},
             "data": {"path": str(shards), "batch_size": args.batch * workers, "eval_batch_size": 256},
             "optim": {"optimizer": "adamw", "lr": 1e-3, "steps": args.steps, "schedule": "constant"},
-            "deepspeed": {"zero_stage": args.zero},
+            "deepspeed": {"zero_stage": args.zero, "zero_on_one_worker": keep_zero},
             "checkpoint": {"every": 0, "keep_last": 1},
             "metrics": {"log_every": args.log_every, "eval_every": 0, "eval_batches": 1},
             "cluster": {"workers": workers, "threads_per_worker": args.threads, "storage_path": str(storage),
@@ -91,6 +95,18 @@ def plain_loop(args, shards: Path) -> float:
     return (args.steps - warm) * args.batch / (time.perf_counter() - t0)
 
 
+def plain_process(args, shards: Path, env: dict[str, str]) -> float:
+    """plain_loop in a fresh process (the benchmark's own state never leaks in), with ``env`` added."""
+    cmd = [sys.executable, __file__, "--plain-only", "--shards", str(shards), "--model", args.model,
+           "--size", args.size, "--experts", str(args.experts), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--log-every", str(args.log_every), "--threads", str(args.threads)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads), **env},
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"plain loop failed:\n{p.stderr[-3000:]}")
+    return float(json.loads(p.stdout.strip().splitlines()[-1])["samples_per_s"])
+
+
 def condmoe_job(args, job: Path, storage: Path, name: str) -> dict:
     """Run ``condmoe train`` as a command; samples/s and seconds from start to the first step."""
     start = time.time()
@@ -106,16 +122,17 @@ def condmoe_job(args, job: Path, storage: Path, name: str) -> dict:
 
 
 def checkpoint_io(args, shards: Path, storage: Path) -> dict:
-    """Seconds per MB to save and to load one checkpoint of the job's engine (world of one)."""
+    """Seconds per MB to save and to load one checkpoint (world of one, ZeRO ``--zero`` kept:
+    DeepSpeed's sharded files + the portable state)."""
+    from condmoe.datasets import StreamingLoader
     from condmoe.trainer.checkpoint import CheckpointManager
     from condmoe.trainer.config import load_job
     from condmoe.trainer.engine import build_engine, setup_distributed
 
-    cfg = load_job(_job(args, shards, storage, 1, "ckpt"))
+    cfg = load_job(_job(args, shards, storage, 1, "ckpt", keep_zero=True))
     setup_distributed(cfg)
     engine = build_engine(cfg, 1)
-    b = next(iter(__import__("condmoe.datasets", fromlist=["StreamingLoader"]).StreamingLoader(
-        shards, "train", args.batch)))
+    b = next(iter(StreamingLoader(shards, "train", args.batch)))
     out = engine(b.images, b.labels)
     engine.backward(out.loss)
     engine.step()
@@ -143,43 +160,72 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2, help="1-worker jobs interleaved with plain loops")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved 1-worker variants")
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--shards", type=Path, default=None, help="shard dir (default: written to a temp dir)")
     ap.add_argument("--limit", type=int, default=8000, help="Fashion-MNIST samples per split to shard")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train.json")
+    ap.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+
+    if args.plain_only:
+        print(json.dumps({"samples_per_s": plain_loop(args, args.shards)}))
+        return
+    from condmoe.trainer.config import WORKER_MALLOC_ENV
 
     with tempfile.TemporaryDirectory(prefix="condmoe-bench-") as tmp:
         storage = Path(tmp)
         shards = _shards(args.shards or storage / "shards", args.limit)
-        # plain loop and 1-worker job interleaved round by round (machine load drifts on a shared
-        # host); the ratio is of the medians
-        plain_runs, one_runs = [plain_loop(args, shards)], []
+        # every variant once per round, interleaved (machine load drifts on a shared host);
+        # ratios are of the medians
+        runs: dict[str, list] = {"plain": [], "plain_worker_env": [], "one": [], "one_keep_zero": []}
         for r in range(args.rounds):
-            one_runs.append(condmoe_job(args, _job(args, shards, storage, 1, f"w1-{r}"), storage, f"w1-{r}"))
-            plain_runs.append(plain_loop(args, shards))
-        plain = statistics.median(plain_runs)
-        one = {k: statistics.median(run[k] for run in one_runs) for k in one_runs[0]}
+            runs["plain"].append(plain_process(args, shards, {}))
+            runs["one"].append(condmoe_job(args, _job(args, shards, storage, 1, f"w1-{r}"), storage, f"w1-{r}"))
+            runs["plain_worker_env"].append(plain_process(args, shards, WORKER_MALLOC_ENV))
+            runs["one_keep_zero"].append(condmoe_job(
+                args, _job(args, shards, storage, 1, f"w1z-{r}", keep_zero=True), storage, f"w1z-{r}"))
+            print(f"round {r + 1}/{args.rounds}: plain {runs['plain'][-1]:.1f}, 1 worker "
+                  f"{runs['one'][-1]['samples_per_s']:.1f}, plain (worker env) "
+                  f"{runs['plain_worker_env'][-1]:.1f}, 1 worker ZeRO {args.zero} "
+                  f"{runs['one_keep_zero'][-1]['samples_per_s']:.1f} samples/s", flush=True)
+        plain = statistics.median(runs["plain"])
+        plain_env = statistics.median(runs["plain_worker_env"])
+        one, keep = ({k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]}
+                     for name in ("one", "one_keep_zero"))
         two = condmoe_job(args, _job(args, shards, storage, 2, "w2"), storage, "w2")
         ckpt = checkpoint_io(args, shards, storage)
 
-    rows = [("plain PyTorch loop, 1 process", plain, 1.0, None),
-            ("condmoe train, 1 worker", one["samples_per_s"], one["samples_per_s"] / plain, one["first_step_s"]),
-            ("condmoe train, 2 workers", two["samples_per_s"], two["samples_per_s"] / plain, two["first_step_s"])]
+    rows = [("plain PyTorch loop, 1 process", plain, None),
+            ("plain loop, condmoe worker env", plain_env, None),
+            ("condmoe train, 1 worker", one["samples_per_s"], one["first_step_s"]),
+            (f"condmoe train, 1 worker ZeRO {args.zero}", keep["samples_per_s"], keep["first_step_s"]),
+            ("condmoe train, 2 workers", two["samples_per_s"], two["first_step_s"])]
     print(f"\n{args.model}/{args.size} E={args.experts}, batch {args.batch}/worker, {args.threads} thread(s)"
-          f"/process, ZeRO {args.zero}, {args.steps} steps, {os.cpu_count()} CPUs")
-    print(f"{'variant':<32} {'samples/s':>10} {'vs plain':>9} {'start->1st step':>16}")
-    for name, rate, ratio, first in rows:
+          f"/process, ZeRO {args.zero} (1 worker: stage 0 unless kept), {args.steps} steps, "
+          f"{args.rounds} rounds, {os.cpu_count()} CPUs")
+    print(f"{'variant':<36} {'samples/s':>10} {'vs plain':>9} {'vs plain env':>13} {'start->1st step':>16}")
+    for name, rate, first in rows:
         f = f"{first:.1f}s" if first is not None else "-"
-        print(f"{name:<32} {rate:>10.1f} {ratio:>8.2f}x {f:>16}")
+        print(f"{name:<36} {rate:>10.1f} {rate / plain:>8.2f}x {rate / plain_env:>12.2f}x {f:>16}")
+    paired = {name: [r["samples_per_s"] / p for r, p in zip(runs[name], runs["plain"])]
+              for name in ("one", "one_keep_zero")}
+    for name, label in (("one", "1 worker"), ("one_keep_zero", f"1 worker ZeRO {args.zero}")):
+        v = paired[name]
+        print(f"{label} / plain, paired by round: median {statistics.median(v):.2f}x "
+              f"(min {min(v):.2f}, max {max(v):.2f}, {len(v)} rounds)")
     print(f"checkpoint: {ckpt['checkpoint_mb']:.2f} MB, save {ckpt['save_s']:.3f}s "
           f"({ckpt['save_s_per_mb']:.3f} s/MB), load {ckpt['load_s']:.3f}s ({ckpt['load_s_per_mb']:.3f} s/MB)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "config": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(),
-        "plain_samples_per_s": plain, "plain_runs": plain_runs, "one_worker_runs": one_runs, "one_worker": one, "two_workers": two,
-        "ratio_one_worker": one["samples_per_s"] / plain, "ratio_two_workers": two["samples_per_s"] / plain,
+        "worker_env": WORKER_MALLOC_ENV, "runs": runs,
+        "plain_samples_per_s": plain, "plain_worker_env_samples_per_s": plain_env,
+        "one_worker": one, "one_worker_keep_zero": keep, "two_workers": two,
+        "ratio_one_worker": one["samples_per_s"] / plain,
+        "ratio_one_worker_same_env": one["samples_per_s"] / plain_env,
+        "ratio_one_worker_keep_zero": keep["samples_per_s"] / plain,
+        "ratio_two_workers": two["samples_per_s"] / plain, "paired_round_ratios": paired,
         "checkpoint": ckpt}, indent=1))
     print(f"wrote {args.out}")
 

@@ -120,11 +120,16 @@ def train_worker(config: dict) -> None:
         train(cfg, report=mon.report, resume=resume, on_step=mon.on_step, loader_factory=mon.loader_factory)
 
 
+def worker_env(cfg: JobConfig) -> dict[str, str]:
+    """Environment of the job's training workers: cluster.env over condmoe's defaults."""
+    return {**cfg.cluster.worker_env(), **_WORKER_ENV}
+
+
 def _init_ray(cfg: JobConfig, address: str | None) -> bool:
     """Connect to ``address`` or start an embedded local Ray; returns True if we started it."""
     import ray
 
-    env = {"env_vars": dict(_WORKER_ENV)}
+    env = {"env_vars": worker_env(cfg)}  # the same as the workers' own: Ray's pooled workers fit
     if ray.is_initialized():
         return False
     if address:
@@ -164,7 +169,8 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
             scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=cl.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=cfg.run_name, storage_path=cl.storage_path,
-                                 failure_config=FailureConfig(max_failures=cl.max_failures)),
+                                 failure_config=FailureConfig(max_failures=cl.max_failures),
+                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
         )
         result = trainer.fit()
         ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None

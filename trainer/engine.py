@@ -121,7 +121,13 @@ def build_engine(cfg: JobConfig, world_size: int):
     ds_config = deepspeed_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
                                            config=ds_config)
+    stage = engine.zero_optimization_stage()
+    if world_size == 1 and stage == 0 and not cfg.deepspeed.bf16:
+        # one rank: DeepSpeed would still flatten, all-reduce and copy back every gradient
+        engine.enable_backward_allreduce = False
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("engine: %s/%s, %d params on this rank, ZeRO %d, world %d, ep %d", cfg.model.name,
-             cfg.model.size, n_params, cfg.deepspeed.zero_stage, world_size, cfg.model.ep_size)
+    log.info("engine: %s/%s, %d params on this rank, ZeRO %d%s, world %d, ep %d", cfg.model.name,
+             cfg.model.size, n_params, stage,
+             f" (configured {cfg.deepspeed.zero_stage}: nothing to shard on one worker)"
+             if stage != cfg.deepspeed.zero_stage else "", world_size, cfg.model.ep_size)
     return engine

@@ -16,6 +16,7 @@ import pytest
 
 from condmoe.datasets import StreamingLoader
 from condmoe.trainer.checkpoint import latest_checkpoint, read_meta
+from condmoe.trainer.config import WORKER_MALLOC_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -41,6 +42,7 @@ def test_sigkill_worker_resumes_exactly_once(fmnist_shards, tmp_path):
            "--set", "model.size=tiny", "--set", f"optim.steps={steps}", "--set", f"data.batch_size={batch}",
            "--set", "checkpoint.every=3", "--set", "metrics.log_every=1", "--set", "metrics.eval_batches=1",
            "--set", "metrics.record_keys=true", "--set", "cluster.max_failures=2",
+           "--set", "cluster.env.CONDMOE_PROBE=fault", "--set", "cluster.env.MALLOC_TRIM_THRESHOLD_=",
            "--set", f"cluster.storage_path={storage}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -56,6 +58,12 @@ def test_sigkill_worker_resumes_exactly_once(fmnist_shards, tmp_path):
                 victim = [ln for ln in lines if ln["file"] == "rank1.jsonl" and ln["step"] >= 5]
                 if victim:
                     killed = (victim[-1]["pid"], victim[-1]["step"], read_meta(ck)["step"])
+                    # the job's worker env reached the training process: defaults, additions, removals
+                    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{killed[0]}/environ")
+                                   .read_text().split("\0") if "=" in kv)
+                    assert environ.get("CONDMOE_PROBE") == "fault"
+                    assert environ.get("MALLOC_MMAP_THRESHOLD_") == WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+                    assert "MALLOC_TRIM_THRESHOLD_" not in environ
                     os.kill(killed[0], signal.SIGKILL)
         assert killed is not None, "the run ended before a worker could be killed"
         out, _ = proc.communicate(timeout=max(30.0, deadline - time.monotonic()))

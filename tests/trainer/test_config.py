@@ -109,3 +109,16 @@ def test_deepspeed_extra_merges_nested_keys():
     ds = deepspeed_config(cfg, 2)
     assert ds["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     assert ds["gradient_clipping"] == 0.5 and ds["train_batch_size"] == cfg.data.batch_size
+
+
+def test_one_worker_runs_zero_stage_0_unless_asked():
+    base = {"model": {"name": "condconv_cnn"}, "data": {"path": "/x", "batch_size": 64}}
+    cfg = job_from_dict(base)
+    assert cfg.deepspeed.zero_stage == 2
+    assert deepspeed_config(cfg, 1)["zero_optimization"]["stage"] == 0
+    assert deepspeed_config(cfg, 2)["zero_optimization"]["stage"] == 2
+    keep = job_from_dict({**base, "deepspeed": {"zero_on_one_worker": True}})
+    assert deepspeed_config(keep, 1)["zero_optimization"]["stage"] == 2
+    offload = job_from_dict({**base, "deepspeed": {"extra": {"zero_optimization": {
+        "offload_optimizer": {"device": "cpu"}}}}})
+    assert deepspeed_config(offload, 1)["zero_optimization"]["stage"] == 2
