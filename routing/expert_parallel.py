@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .lazy_class import lazy_class, module_getattr
+
 log = logging.getLogger(__name__)
 
 
@@ -227,19 +229,8 @@ def _make_class() -> type:
     return ExpertParallelExperts
 
 
-@functools.cache
-def _expert_class() -> type:
-    cls = _make_class()
-    # a module-level name (served by __getattr__ below), so models pickle by reference
-    cls.__name__ = cls.__qualname__ = "_ExpertParallelExperts"
-    cls.__module__ = __name__
-    return cls
-
-
-def __getattr__(name: str):
-    if name == "_ExpertParallelExperts":
-        return _expert_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_expert_class = lazy_class(__name__, "_ExpertParallelExperts", _make_class)
+__getattr__ = module_getattr(__name__, {"_ExpertParallelExperts": _expert_class})
 
 
 def ExpertParallelExperts(make_expert: Callable[[], nn.Module], num_experts: int, *, out_shape: tuple[int, ...],

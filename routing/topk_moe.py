@@ -22,7 +22,6 @@ What we add to DeepSpeed's (output, l_aux, exp_counts):
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .lazy_class import lazy_class, module_getattr
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ log = logging.getLogger(__name__)
 _NOISE_POLICIES = (None, "Jitter", "RSample")
 
 
-@functools.cache
-def _idempotent_moe_class() -> type:
+def _make_idempotent_moe() -> type:
     """deepspeed.moe.layer.MoE whose set_deepspeed_parallelism may be called more than once.
 
     We join the expert-parallel group at construction (so the layer works without
@@ -52,16 +51,11 @@ def _idempotent_moe_class() -> type:
                 return
             super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
-    # a module-level name (served by __getattr__ below), so models pickle by reference
-    IdempotentMoE.__name__ = IdempotentMoE.__qualname__ = "_IdempotentMoE"
-    IdempotentMoE.__module__ = __name__
     return IdempotentMoE
 
 
-def __getattr__(name: str):
-    if name == "_IdempotentMoE":
-        return _idempotent_moe_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_idempotent_moe_class = lazy_class(__name__, "_IdempotentMoE", _make_idempotent_moe)
+__getattr__ = module_getattr(__name__, {"_IdempotentMoE": _idempotent_moe_class})
 
 
 def _stats(counters: torch.Tensor) -> RoutingStats:

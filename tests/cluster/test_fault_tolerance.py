@@ -17,6 +17,7 @@ import pytest
 from condmoe.datasets import StreamingLoader
 from condmoe.trainer.checkpoint import latest_checkpoint, read_meta
 from condmoe.trainer.config import WORKER_MALLOC_ENV
+from worker_kill import kill_worker_after_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -47,24 +48,19 @@ def test_sigkill_worker_resumes_exactly_once(fmnist_shards, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+    def check_env(pid: int) -> None:
+        # the job's worker env reached the training process: defaults, additions, removals
+        environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                       if "=" in kv)
+        assert environ.get("CONDMOE_PROBE") == "fault"
+        assert environ.get("MALLOC_MMAP_THRESHOLD_") == WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+        assert "MALLOC_TRIM_THRESHOLD_" not in environ
+
     killed = None
     try:
         deadline = time.monotonic() + 400
-        while killed is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            ck = latest_checkpoint(run / "checkpoints")
-            lines = _lines(run / "keys") if (run / "keys").is_dir() else []
-            if ck is not None and read_meta(ck)["step"] >= 3:
-                victim = [ln for ln in lines if ln["file"] == "rank1.jsonl" and ln["step"] >= 5]
-                if victim:
-                    killed = (victim[-1]["pid"], victim[-1]["step"], read_meta(ck)["step"])
-                    # the job's worker env reached the training process: defaults, additions, removals
-                    environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{killed[0]}/environ")
-                                   .read_text().split("\0") if "=" in kv)
-                    assert environ.get("CONDMOE_PROBE") == "fault"
-                    assert environ.get("MALLOC_MMAP_THRESHOLD_") == WORKER_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
-                    assert "MALLOC_TRIM_THRESHOLD_" not in environ
-                    os.kill(killed[0], signal.SIGKILL)
+        killed = kill_worker_after_checkpoint(proc, run, deadline=deadline, before_kill=check_env)
         assert killed is not None, "the run ended before a worker could be killed"
         out, _ = proc.communicate(timeout=max(30.0, deadline - time.monotonic()))
     finally:
