@@ -137,8 +137,12 @@ def _init_ray(cfg: JobConfig, address: str | None) -> bool:
         return True
     # address="local": always a fresh embedded instance, never a cluster that happens to run here
     need = max(2, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1))
-    ray.init(address="local", num_cpus=need, include_dashboard=False, runtime_env=env, log_to_driver=True,
-             configure_logging=False)
+    # with the dashboard (127.0.0.1): Ray Train's placement-group cleaner polls the State API it
+    # serves, and warns every second without it
+    ctx = ray.init(address="local", num_cpus=need, include_dashboard=True, runtime_env=env,
+                   log_to_driver=True, configure_logging=False)
+    if ctx.dashboard_url:
+        log.info("embedded Ray dashboard: http://%s", ctx.dashboard_url)
     return True
 
 
