@@ -77,17 +77,6 @@ def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None 
     return resolved
 
 
-def _flatten(metrics: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
-
-
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry: run the one train loop, reporting to Ray Train."""
     import ray.train
@@ -107,7 +96,9 @@ def train_worker(config: dict) -> None:
         # checkpoint events go to Ray Train; every log line is in metrics.jsonl and the log
         if "checkpoint_step" not in metrics:
             return
-        flat = {k: v for k, v in _flatten(metrics).items() if not isinstance(v, list)}
+        # scalars only: per-layer routing stats are in the Parquet log and the checkpoint's
+        # meta.json, and Ray Train logs every reported dict in full
+        flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
         ckpt = None
         if path is not None and Path(path).is_relative_to(cfg.run_dir):
             ckpt = Checkpoint(str(path))
