@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +300,6 @@ def _saved_zero_stage(meta: dict) -> int | None:
     if "zero_stage" in meta:
         return int(meta["zero_stage"])
     try:
-        import yaml
-
         return int(yaml.safe_load(meta["config"])["deepspeed"]["zero_stage"])
     except (KeyError, TypeError, ValueError, yaml.YAMLError):
         return None
