@@ -14,7 +14,7 @@ from .expert_parallel import ExpertParallelExperts
 from .info_gain import information_gain, information_gain_loss
 from .macs import count_macs
 from .model_output import ModelOutput
-from .models.registry import build_model, list_models, register_model
+from .models.registry import build_model, list_models, model_families, model_family, register_model
 from .routing_output import (
     RoutedModule,
     RoutingOutput,
@@ -50,6 +50,8 @@ __all__ = [
     "information_gain",
     "information_gain_loss",
     "list_models",
+    "model_families",
+    "model_family",
     "register_model",
     "tune_exit_threshold",
 ]

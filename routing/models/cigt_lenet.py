@@ -10,10 +10,12 @@ stays). Each block: conv, batch norm (our choice), ReLU, 2x2 max pool.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from ..cigt import CIGT, CIGTConfig, CIGTRouter, GridPool, MaxPool2x2
-from .registry import register_model
+from .registry import config_kwargs, register_model
 
 # conv channels per layer, leaf FC widths, router hidden width
 SIZES = {
@@ -49,23 +51,42 @@ def _leaf(c_in: int, c: int, fc: tuple[int, int], num_classes: int, norm: str, d
     )
 
 
-@register_model("cigt_lenet", tuple(SIZES))
+@dataclass(frozen=True)
+class CigtLenetOptions:
+    """cigt_lenet's options (job file: ``model.options``); the first four shape the network,
+    the rest are CIGTConfig fields (shared/METHODS.md: information gain, temperature schedule)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt option is an error (pydantic reads this)
+
+    paths: tuple[int, ...] | None = None  # the trellis, e.g. (1, 2, 4) or (1, 4): first 1, last = experts
+    norm: str = "batch"  # 'batch' | 'none' after each conv (batch norm is our choice)
+    dropout: float = 0.0  # dropout in each leaf's FC layers
+    router_dropout: float = 0.5  # dropout in each router's FC
+    info_gain_weight: float = 1.0  # lambda: weight of the information-gain routing loss
+    info_gain_beta: float = 1.0  # beta: weight of the path-balance entropy term in that loss
+    warmup_steps: int = 0  # training iterations of random routing before the routers decide
+    initial_temperature: float = 25.0  # routing softmax temperature T at step 0
+    temperature_decay: float = 0.9999  # T *= this every training step, (0, 1]
+    min_temperature: float = 0.1  # T's floor
+    random_path_fraction: float = 0.0  # share of samples sent to a random path after warm-up (training only)
+    execution: str = "gather"  # 'gather' (each path runs on its samples only) | 'dense' (every path on all)
+    detach_router_input: bool = False  # True: the IG loss trains only the routers, not the features below
+
+
+@register_model("cigt_lenet", tuple(SIZES), options=CigtLenetOptions)
 def cigt_lenet(size: str, *, num_classes: int = 10, in_channels: int = 1, experts: int | None = None,
-               paths: tuple[int, ...] | None = None, norm: str = "batch", dropout: float = 0.0,
-               router_dropout: float = 0.5, ep_size: int = 1, **cigt_options) -> CIGT:
-    """experts: number of leaf paths (default 4: paths (1, 2, 4)); paths: the whole trellis, e.g. (1, 2, 4)
-    or (1, 4) (the last layer is the leaf layer, the first must be 1). ep_size: accepted for a uniform
-    interface; must be 1 (CIGT's paths are small blocks trained data-parallel, not spread experts).
-    Other options are CIGTConfig fields."""
-    if ep_size != 1:
-        raise ValueError(f"cigt_lenet does not use expert parallelism: ep_size must be 1, got {ep_size}")
+               options: CigtLenetOptions = CigtLenetOptions()) -> CIGT:
+    """experts: number of leaf paths (default 4: paths (1, 2, 4)); ``options.paths`` gives the whole
+    trellis instead (the last layer is the leaf layer, the first must be 1). No ``ep_size``: CIGT's
+    paths are small blocks trained data-parallel, not spread experts."""
+    paths = options.paths
     if paths is None:
         leaves = 4 if experts is None else int(experts)
         paths = (1, max(1, leaves // 2), leaves)
     paths = tuple(int(k) for k in paths)
     if experts is not None and int(experts) != paths[-1]:
         raise ValueError(f"cigt_lenet experts={experts} must equal the leaf count paths[-1]={paths[-1]}")
-    config = CIGTConfig(paths=paths, **cigt_options)
+    config = CIGTConfig(**{**config_kwargs(options, CIGTConfig), "paths": paths})
     spec = SIZES[size]
     channels, n_layers = spec["channels"], len(paths)
     if n_layers > 3:
@@ -75,11 +96,11 @@ def cigt_lenet(size: str, *, num_classes: int = 10, in_channels: int = 1, expert
     for l, k in enumerate(paths):
         c = channels[3 - n_layers + l]
         if l == n_layers - 1:
-            blocks = [_leaf(c_in, c, spec["fc"], num_classes, norm, dropout) for _ in range(k)]
+            blocks = [_leaf(c_in, c, spec["fc"], num_classes, options.norm, options.dropout) for _ in range(k)]
         else:
-            blocks = [_conv_block(c_in, c, 5, norm, pool=True) for _ in range(k)]
+            blocks = [_conv_block(c_in, c, 5, options.norm, pool=True) for _ in range(k)]
             routers.append(CIGTRouter(c, paths[l + 1], hidden=spec["router_hidden"], pool_size=_ROUTER_POOL[l],
-                                      dropout=router_dropout, norm=norm == "batch"))
+                                      dropout=options.router_dropout, norm=options.norm == "batch"))
         layers.append(nn.ModuleList(blocks))
         c_in = c
     return CIGT(layers, routers, config, num_classes=num_classes)

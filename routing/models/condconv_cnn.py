@@ -94,7 +94,21 @@ class CondConvCNN(nn.Module):
         return ModelOutput(logits=logits, loss=ce, losses={"ce": ce.detach()})
 
 
-@register_model("condconv_cnn", tuple(SIZES))
-def condconv_cnn(size: str, **options) -> CondConvCNN:
-    """CondConv network; options: experts, num_classes, in_channels, dropout, router_dropout, label_smoothing."""
-    return CondConvCNN(SIZES[size], **options)
+@dataclass(frozen=True)
+class CondConvCnnOptions:
+    """condconv_cnn's options (job file: ``model.options``)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt option is an error (pydantic reads this)
+
+    dropout: float = 0.1  # dropout before the classifier
+    router_dropout: float = 0.0  # dropout on each block's routing-function input
+    label_smoothing: float = 0.0  # of the cross-entropy loss
+
+
+@register_model("condconv_cnn", tuple(SIZES), options=CondConvCnnOptions)
+def condconv_cnn(size: str, *, experts: int = 8, num_classes: int = 10, in_channels: int = 1,
+                 options: CondConvCnnOptions = CondConvCnnOptions()) -> CondConvCNN:
+    """CondConv network of E = ``experts`` kernels per routed convolution (1: the static baseline)."""
+    return CondConvCNN(SIZES[size], experts=experts, num_classes=num_classes, in_channels=in_channels,
+                       dropout=options.dropout, router_dropout=options.router_dropout,
+                       label_smoothing=options.label_smoothing)

@@ -11,6 +11,8 @@ capacity buffers padded with zero tokens); the block is residual
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,12 +60,28 @@ class TopKMoECNN(nn.Module):
         return out
 
 
-@register_model("topk_moe_cnn", tuple(SIZES))
-def topk_moe_cnn(size: str, *, num_classes: int = 10, in_channels: int = 1, experts: int = 4, k: int = 1,
-                 ep_size: int = 1, capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
-                 min_capacity: int = 2, **moe_options) -> TopKMoECNN:
-    """experts = E; k, ep_size, capacity factors, min_capacity and the other TopKMoE options
-    (drop_tokens, use_rts, noisy_gate_policy, use_residual, aux_loss_weight, stats_over_group)."""
-    return TopKMoECNN(SIZES[size], num_classes=num_classes, in_channels=in_channels, experts=experts, k=k,
-                      ep_size=ep_size, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                      min_capacity=min_capacity, **moe_options)
+@dataclass(frozen=True)
+class TopKMoeCnnOptions:
+    """topk_moe_cnn's options (job file: ``model.options``): TopKMoE's, in DeepSpeed's names."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a misspelt option is an error (pydantic reads this)
+
+    k: int = 1  # experts per sample (top-k), 1 <= k <= experts
+    capacity_factor: float = 1.25  # training capacity per expert, in units of tokens / E
+    eval_capacity_factor: float = 2.0  # the same at evaluation
+    min_capacity: int = 2  # capacity floor per expert; a batch needs at least this many samples per rank
+    drop_tokens: bool = True  # False: no-drop (capacity grows to the largest expert load)
+    use_rts: bool = True  # random token selection when an expert is over capacity
+    noisy_gate_policy: str | None = None  # None | 'Jitter' | 'RSample' (RSample only with k = 1)
+    use_residual: bool = False  # PR-MoE: a dense residual expert mixed with the MoE output
+    second_expert_sampling: bool = True  # k = 2: pick the second expert with Gumbel noise (DeepSpeed's default)
+    aux_loss_weight: float = 0.01  # weight of the load-balancing loss
+    stats_over_group: bool = True  # sum returned load stats over the expert-parallel group (one all-reduce)
+
+
+@register_model("topk_moe_cnn", tuple(SIZES), options=TopKMoeCnnOptions)
+def topk_moe_cnn(size: str, *, num_classes: int = 10, in_channels: int = 1, experts: int = 4, ep_size: int = 1,
+                 options: TopKMoeCnnOptions = TopKMoeCnnOptions()) -> TopKMoECNN:
+    """experts = E conv experts in one top-k MoE block, spread over ``ep_size`` workers."""
+    return TopKMoECNN(SIZES[size], num_classes=num_classes, in_channels=in_channels, experts=experts,
+                      ep_size=ep_size, **asdict(options))
