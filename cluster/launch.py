@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from condmoe.datasets.urls import local_path
 from condmoe.trainer.checkpoint import resolve_checkpoint
 from condmoe.trainer.config import ConfigError, JobConfig, job_from_dict
 
@@ -57,9 +58,9 @@ def check_address(address: str, timeout: float = 3.0) -> None:
 def check_data(cfg: JobConfig) -> None:
     """Raise FileNotFoundError when the job's local shard directory is missing."""
     path = cfg.data.path
-    if "://" in path or "{" in path or path.startswith("pipe:"):
+    p = local_path(path)  # None for pipe:, scheme:// URLs and shard patterns: the workers open those
+    if p is None:
         return
-    p = Path(path)
     if not p.exists():
         raise FileNotFoundError(
             f"data.path {path!r} does not exist (write shards first: condmoe shards write fashion_mnist {path})")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .urls import is_local, local_path
+
 MANIFEST_NAME = "manifest.parquet"
 FORMAT_VERSION = 1
 
@@ -75,7 +77,7 @@ def write_manifest(path: str | Path, shards: list[ShardInfo], meta: dict) -> Non
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read a manifest from a shard folder, the .parquet file itself, or a folder URL (fsspec)."""
-    if isinstance(path, str) and "://" in path and not path.startswith("file://"):
+    if isinstance(path, str) and not is_local(path):
         import io
 
         import fsspec
@@ -87,7 +89,7 @@ def read_manifest(path: str | Path) -> Manifest:
         except FileNotFoundError:
             raise FileNotFoundError(f"no {MANIFEST_NAME} at {url} (not a complete shard set)") from None
         return _from_table(table, url)
-    path = Path(path)
+    path = local_path(str(path)) or Path(path)  # file:///d -> /d
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.exists():

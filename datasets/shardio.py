@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .urls import is_local
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp", "npy")
@@ -38,12 +40,6 @@ class BadSample(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def is_local(url: str) -> bool:
-    """True for a plain path or a ``file:`` URL (read with ``open``; seekable)."""
-    scheme = urlparse(url).scheme
-    return scheme in ("", "file") or len(scheme) == 1  # one letter: a Windows drive
 
 
 def open_url(url: str) -> BinaryIO:

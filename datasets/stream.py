@@ -28,7 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import MANIFEST_NAME, read_manifest
 from .plan import epoch_sequence, rank_positions, steps_in
-from .shardio import BadSample, ShardRead, decode_sample, is_local, probe_shard, read_shard, shard_name
+from .shardio import BadSample, ShardRead, decode_sample, probe_shard, read_shard, shard_name
+from .urls import is_local, is_pattern, local_path
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +85,29 @@ def resolve_shards(source: str | Path, split: str) -> tuple[list[ShardRef], dict
     a manifest beside local shards when it lists them all, else from reading each shard once.
     """
     src = str(source)
-    p = Path(src)
-    if is_local(src) and "{" not in src and (p.is_dir() or p.name == MANIFEST_NAME):
+    p = local_path(src)  # None unless src is one local path (plain or file:)
+    if p is not None and (p.is_dir() or p.name == MANIFEST_NAME):
         folder = p if p.is_dir() else p.parent
         man = read_manifest(folder)
         rows = man.split(split)
         return [ShardRef(str(folder / r.shard), r.shard, r.samples) for r in rows], dict(man.meta)
-    if not is_local(src) and "{" not in src and not src.startswith("pipe:") and not src.endswith((".tar", ".tgz", ".gz")):
+    if not is_local(src) and not is_pattern(src) and not src.startswith("pipe:") and not src.endswith((".tar", ".tgz", ".gz")):
         base = src.rstrip("/")  # a folder URL on object storage: its manifest lists the shards
         man = read_manifest(base)
         return [ShardRef(f"{base}/{r.shard}", r.shard, r.samples) for r in man.split(split)], dict(man.meta)
-    if is_local(src) and not any(c in src for c in "{:") and not p.exists():
+    if p is not None and not p.exists():
         raise FileNotFoundError(f"shard source {src} does not exist")
     urls = _expand(src)
     if not urls:
         raise ValueError(f"shard pattern {src!r} expands to nothing")
-    if all(is_local(u) for u in urls):
-        parents = {Path(u).parent for u in urls}
+    paths = [local_path(u) for u in urls]
+    if all(q is not None for q in paths):
+        parents = {q.parent for q in paths}
         if len(parents) == 1 and (next(iter(parents)) / MANIFEST_NAME).exists():
             man = read_manifest(next(iter(parents)))
             by_name = {r.shard: r for r in man.shards}
-            if all(Path(u).name in by_name for u in urls):
-                return [ShardRef(u, Path(u).name, by_name[Path(u).name].samples) for u in urls], dict(man.meta)
+            if all(q.name in by_name for q in paths):
+                return [ShardRef(u, q.name, by_name[q.name].samples) for u, q in zip(urls, paths)], dict(man.meta)
     log.info("no manifest for %d shard(s) of %s: counting samples by reading each once", len(urls), src)
     refs, shape = [], None
     for u in urls:

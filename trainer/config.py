@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from condmoe.datasets.urls import local_path
+
 log = logging.getLogger(__name__)
 
 # families whose experts live in deepspeed.moe layers and take an ep_size option (expert
@@ -320,9 +322,10 @@ def resolve_paths(cfg: JobConfig, base: Path | None = None) -> JobConfig:
     base = base or Path.cwd()
 
     def _abs(p: str) -> str:
-        if "://" in p or p.startswith("/") or "{" in p:
+        local = local_path(p)  # None for pipe:, scheme:// URLs and shard patterns: kept as written
+        if local is None or local.is_absolute():
             return p
-        return str((base / Path(p).expanduser()).resolve())
+        return str((base / local.expanduser()).resolve())
 
     cfg.data.path = _abs(cfg.data.path)
     cfg.cluster.storage_path = _abs(cfg.cluster.storage_path)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from condmoe.datasets.urls import local_path
+
 from .checkpoint import CheckpointManager, read_meta, resolve_checkpoint
 from .config import job_from_dict
 from .engine import build_engine, setup_distributed
@@ -31,7 +33,8 @@ def evaluate_checkpoint(ckpt: str | Path, *, data_path: str | None = None, split
     cfg.optim.grad_accum = 1
     if data_path:
         cfg.data.path = data_path
-    if not Path(cfg.data.path).exists() and "://" not in cfg.data.path:
+    local = local_path(cfg.data.path)  # None for pipe:, scheme:// URLs and shard patterns
+    if local is not None and not local.exists():
         raise FileNotFoundError(f"data.path {cfg.data.path!r} of the checkpoint's job does not exist "
                                 "(pass --data SHARD_DIR)")
     setup_distributed(cfg)

@@ -59,3 +59,20 @@ def test_bad_input_one_line_nonzero(case, tmp_path, fmnist_shards, capsys, no_ra
 def test_submit_unreachable(capsys, no_ray):
     rc, err = _run(["submit", str(JOB), "--address", "http://127.0.0.1:9"], capsys)
     assert rc != 0 and "127.0.0.1:9" in err and len(err.splitlines()) == 1, err
+
+
+def test_check_data_checks_only_one_local_path(tmp_path, fmnist_shards):
+    from condmoe.cluster.launch import check_data
+    from condmoe.trainer.config import job_from_dict
+
+    def job(data_path: str):
+        return job_from_dict({"model": {"name": "condconv_cnn"}, "data": {"path": data_path}})
+
+    for ok in (str(fmnist_shards), f"file://{fmnist_shards}", f"pipe:cat {tmp_path}/nope-000000.tar",
+               f"{tmp_path}/nope-{{000000..000001}}.tar", "s3://bucket/nope"):
+        check_data(job(ok))  # shards that are not one local path are the workers' to open
+    for missing in (str(tmp_path / "nope"), f"file://{tmp_path}/nope"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            check_data(job(missing))
+    with pytest.raises(FileNotFoundError, match="no manifest.parquet"):
+        check_data(job(str(tmp_path)))

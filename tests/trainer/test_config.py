@@ -122,3 +122,20 @@ def test_one_worker_runs_zero_stage_0_unless_asked():
     offload = job_from_dict({**base, "deepspeed": {"extra": {"zero_optimization": {
         "offload_optimizer": {"device": "cpu"}}}}})
     assert deepspeed_config(offload, 1)["zero_optimization"]["stage"] == 2
+
+
+def test_resolve_paths_makes_only_local_paths_absolute(tmp_path):
+    from condmoe.trainer.config import resolve_paths
+
+    def resolved(data_path: str) -> str:
+        cfg = job_from_dict({"model": {"name": "condconv_cnn"}, "data": {"path": data_path},
+                             "cluster": {"storage_path": "runs"}})
+        cfg = resolve_paths(cfg, base=tmp_path)
+        assert cfg.cluster.storage_path == str((tmp_path / "runs").resolve())
+        return cfg.data.path
+
+    assert resolved("data/fmnist") == str((tmp_path / "data/fmnist").resolve())
+    assert resolved("file:data/fmnist") == str((tmp_path / "data/fmnist").resolve())
+    for kept in ("/d/fmnist", "file:///d/fmnist", "pipe:cat /d/train-000000.tar", "s3://bucket/fmnist",
+                 "data/train-{000000..000009}.tar", "pipe:cat d/train-{000000..000001}.tar"):
+        assert resolved(kept) == kept  # pipe: commands used to become <cwd>/pipe:cat ...
