@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.multiprocessing as mp
 
 from condmoe.routing import build_model
 from condmoe.routing.models.coe_cnn import EXPERT_CHANNELS, ExpertCNN
+from condmoe.trainer.engine import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hard_routing.json"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -177,12 +177,6 @@ def _router_hidden(router, h: torch.Tensor) -> torch.Tensor:
     return router.bn(torch.relu(router.fc1(router.pool(h).flatten(1))))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ep_worker(rank: int, world: int, port: int, batch: int, experts: int, rounds: int, iters: int, threads: int,
                malloc_tuned: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -234,7 +228,7 @@ def _ep_worker(rank: int, world: int, port: int, batch: int, experts: int, round
 def bench_topk_ep(batch: int, experts: int, rounds: int, iters: int, threads: int,
                   malloc_tuned: bool) -> list[dict]:
     out = RESULTS.parent / "_ep_tmp.pt"
-    ctx = mp.start_processes(_ep_worker, args=(2, _free_port(), batch, experts, rounds, iters, threads, malloc_tuned,
+    ctx = mp.start_processes(_ep_worker, args=(2, free_port(), batch, experts, rounds, iters, threads, malloc_tuned,
                                                str(out)),
                              nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 600

@@ -26,7 +26,8 @@ from .config import JobConfig, deepspeed_config
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; a race is possible)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +47,7 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int]:
         for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                            ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if cfg.cluster.use_gpu else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.cluster.timeout_s))

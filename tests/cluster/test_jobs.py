@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from condmoe.cluster.cli import main
+from condmoe.trainer.engine import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def ray_head():
     """(dashboard URL, token) of a token-auth head node; torn down by process group."""
     token = secrets.token_hex(16)
     tmp = tempfile.mkdtemp(prefix="cmray", dir="/tmp")  # short: unix socket paths are limited
-    gcs, dash, agent = _port(), _port(), _port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DS_ACCELERATOR": "cpu",
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(

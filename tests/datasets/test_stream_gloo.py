@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from condmoe.trainer.engine import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
@@ -54,7 +49,7 @@ def test_two_gloo_ranks_with_a_missing_shard(digits_dir, digits_copy, tmp_path):
     (digits_copy / "train-000003.tar").unlink()
     out = tmp_path / "result.json"
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(digits_copy), str(out))) for r in range(2)]
     for p in procs:
         p.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -12,17 +11,13 @@ from pathlib import Path
 
 import yaml
 
+from condmoe.trainer.engine import free_port
+
 # shared by the monitoring tests (imported by name from here, never from ``conftest``:
 # several test folders have a conftest.py and a plain ``import conftest`` picks any of them)
 ROOT = Path(__file__).resolve().parents[2]
 JOB_STEPS = 8
 LOCAL_STEPS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusServer:

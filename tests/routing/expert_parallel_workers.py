@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from condmoe.trainer.engine import free_port
+
 EXPERT_KEY = re.compile(r"deepspeed_experts\.(\d+)\.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(fn, args: tuple, world_size: int = 2, timeout: float = 180.0) -> None:

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from condmoe.trainer.engine import free_port
+
 WORKER = Path(__file__).resolve().parent / "_train_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_workers(job: Path, world: int, out: Path, *, resume: str | None = None,
