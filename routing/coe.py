@@ -46,6 +46,7 @@ from torch import nn
 
 from .expert_parallel import ExpertParallelExperts
 from .model_output import ModelOutput
+from .norm import make_norm
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 
 _LGM = ("balanced", "argmin")
@@ -139,17 +140,6 @@ class Delegator(nn.Module):
             else:
                 x = F.interpolate(x, scale_factor=self.input_scale, mode="area")
         return self.body(x).mean(dim=(2, 3))
-
-
-def make_norm(norm: str, channels: int) -> nn.Module:
-    """'batch' -> BatchNorm2d; 'group' -> GroupNorm (per-sample, batch-independent); 'none' -> Identity."""
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}")
 
 
 def balanced_assignment(losses: torch.Tensor, capacity: int) -> torch.Tensor:

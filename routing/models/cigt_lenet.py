@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..cigt import CIGT, CIGTConfig, CIGTRouter, GridPool, MaxPool2x2
+from ..norm import make_norm
 from .registry import config_kwargs, register_model
 
 # conv channels per layer, leaf FC widths, router hidden width
@@ -27,16 +28,10 @@ _LEAF_POOL = 7  # the leaf conv sees a 7x7 map at 28x28 input (two 2x2 max pools
 _ROUTER_POOL = (7, 7)  # AvgPool stride 2 on 14x14, stride 1 on 7x7
 
 
-def _norm(channels: int, norm: str) -> nn.Module:
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"cigt_lenet norm must be 'batch' or 'none', got {norm!r}")
-
-
 def _conv_block(c_in: int, c_out: int, kernel: int, norm: str, pool: bool) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), _norm(c_out, norm), nn.ReLU()]
+    # 'batch' | 'none': the routers' batch norm follows the same choice (cigt_lenet's builder)
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2),
+                               make_norm(norm, c_out, kinds=("batch", "none")), nn.ReLU()]
     if pool:
         layers.append(MaxPool2x2())
     return nn.Sequential(*layers)

@@ -11,7 +11,8 @@ from functools import partial
 
 from torch import nn
 
-from ..coe import CoE, CoEConfig, Delegator, make_norm
+from ..coe import CoE, CoEConfig, Delegator
+from ..norm import make_norm
 from .registry import config_kwargs, register_model
 
 # expert conv channels (strides 2, 2, 1); delegator channels (all stride 2)
