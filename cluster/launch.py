@@ -71,6 +71,9 @@ def check_data(cfg: JobConfig) -> None:
 def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None = None) -> str | None:
     """Validate everything a launch needs before starting anything; returns the resolved resume path."""
     cfg.check_topology(cfg.cluster.workers)
+    from condmoe.trainer.engine import check_model  # builds the model: a bad option fails before Ray
+
+    check_model(cfg, cfg.cluster.workers)
     check_data(cfg)
     if address:
         check_address(address)

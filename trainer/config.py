@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from condmoe.datasets.urls import local_path
 
 log = logging.getLogger(__name__)
-
-# families whose experts live in deepspeed.moe layers and take an ep_size option (expert
-# parallelism); cigt_lenet is hard-routed too but keeps every path on every worker
-HARD_ROUTED_MODELS = frozenset({"coe_cnn", "topk_moe_cnn"})
-
 
 class ConfigError(ValueError):
     """A job file that does not validate; the message is one line naming field and file."""
@@ -35,7 +33,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which registered network to train (condmoe.routing.build_model)."""
+    """Which registered network to train (condmoe.routing.build_model): a union discriminated by ``name``.
+
+    Validating a mapping returns the named family's own subclass (:func:`model_config_class`),
+    generated from the registry: ``size`` one of the family's sizes, ``options`` the family's
+    options dataclass (declared next to its builder), so a misspelt or mistyped option is
+    a field error here. ``model_dump()`` and validating it again give an equal config.
+    """
 
     name: str = Field(description="registered model family, e.g. condconv_cnn, coe_cnn")
     size: str = Field("small", description="named size of the family: tiny, small, base")
@@ -45,14 +49,91 @@ class ModelConfig(_Section):
     ep_size: int = Field(
         1, ge=1, description="expert-parallel group size for hard-routed (deepspeed.moe) models"
     )
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword options passed to the model builder"
-    )
+    options: Any = Field(None, description="the family's typed options (its options dataclass)")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _family(cls, data: Any, handler: Any) -> "ModelConfig":
+        if cls is not ModelConfig or not isinstance(data, dict) or "name" not in data:
+            return handler(data)  # a family's own class, an instance, or a mapping without a name
+        name = data["name"]
+        try:
+            family_cls = model_config_class(name)
+        except ValueError as err:  # unknown family: the error lists the registered ones
+            raise _field_error("name", str(err), name) from None
+        return family_cls.model_validate(data)
+
+    @model_validator(mode="after")
+    def _check_ep(self) -> "ModelConfig":
+        if self.ep_size > 1 and not self.family.expert_parallel:
+            raise _field_error("ep_size", f"model {self.name!r} has no expert-parallel layers: ep_size must "
+                               f"be 1, got {self.ep_size}", self.ep_size)
+        return self
+
+    @property
+    def family(self):
+        """The registered family (condmoe.routing.models.ModelFamily)."""
+        from condmoe.routing.models import model_family
+
+        return model_family(self.name)
 
     @property
     def hard_routed(self) -> bool:
-        """True for families built on deepspeed.moe (they take the ep_size option)."""
-        return self.name in HARD_ROUTED_MODELS or self.ep_size > 1
+        """True for families built on deepspeed.moe (their builders take ep_size)."""
+        return self.family.expert_parallel or self.ep_size > 1
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``condmoe.routing.build_model(name, size, **kwargs)``."""
+        return {"experts": self.experts, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "ep_size": self.ep_size,
+                "options": None if isinstance(self.options, NoOptions) else self.options}
+
+    def __reduce__(self):  # the family classes are generated: pickle by value, rebuilt by name
+        return _model_config_from_dict, (self.model_dump(),)
+
+
+def _field_error(field: str, msg: str, value: Any) -> ValidationError:
+    """A validation error at ``field`` (relative to the model being validated) whose message is ``msg``."""
+    return ValidationError.from_exception_data("config", [
+        {"type": PydanticCustomError("config_field", msg), "loc": (field,), "input": value}])
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a family registered without an options class: none."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+
+# family name -> its generated ModelConfig subclass (made once, so configs compare equal)
+_FAMILY_CONFIGS: dict[str, type[ModelConfig]] = {}
+
+
+def model_config_class(name: str) -> type[ModelConfig]:
+    """The ModelConfig subclass of the registered family ``name`` (ValueError if unknown):
+    ``name: Literal[name]``, ``size: Literal[*sizes]``, ``options: <its options dataclass>``."""
+    from condmoe.routing.models import model_family
+
+    family = model_family(name)
+    cls = _FAMILY_CONFIGS.get(name)
+    if cls is None:
+        options = family.options or NoOptions
+        if getattr(options, "__pydantic_config__", {}).get("extra") != "forbid":
+            raise TypeError(f"{options.__qualname__} (model {name!r} options) must set "
+                            "__pydantic_config__ = {'extra': 'forbid'} so a misspelt option is an error")
+        default_size = "small" if "small" in family.sizes else family.sizes[0]
+        cls = create_model(
+            f"ModelConfig[{name}]", __base__=ModelConfig, __module__=__name__,
+            name=(Literal[name], Field(description="registered model family")),
+            size=(Literal[family.sizes], Field(default_size, description="named size of the family")),
+            options=(options, Field(default_factory=options, description=f"{name}'s options")),
+        )
+        _FAMILY_CONFIGS[name] = cls
+    return cls
+
+
+def _model_config_from_dict(data: dict) -> ModelConfig:
+    return ModelConfig.model_validate(data)
 
 
 class DataConfig(_Section):
@@ -178,7 +259,7 @@ class ClusterConfig(_Section):
 class JobConfig(_Section):
     """One training job: the whole tree a job file describes."""
 
-    model: ModelConfig
+    model: SerializeAsAny[ModelConfig]  # dumped as the family's own class (its typed options)
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
@@ -244,10 +325,15 @@ def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "<root>"
     kind = first["type"]
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # the latter: a dataclass's (options)
         msg = f"unknown key {field!r}"
     elif kind == "missing":
         msg = f"missing required field {field!r}"
+    elif kind == "value_error":  # a validator's own message names the values; the input is a whole section
+        msg = first["msg"].removeprefix("Value error, ")
+        msg = msg if field == "<root>" else f"{field}: {msg}"
+    elif kind == "config_field":  # _field_error: the message names the value
+        msg = f"field {field!r}: {first['msg']}"
     else:
         msg = f"field {field!r}: {first['msg']} (got {first.get('input')!r})"
     more = len(err.errors()) - 1

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import JobConfig, deepspeed_config
+from .config import ConfigError, JobConfig, deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,39 @@ def build_model(cfg: JobConfig) -> nn.Module:
     from condmoe.routing import build_model as registry_build
 
     torch.manual_seed(cfg.optim.seed)
+    return registry_build(cfg.model.name, cfg.model.size, **cfg.model.build_kwargs())
+
+
+def check_model(cfg: JobConfig, world_size: int) -> None:
+    """Build the job's model here, before Ray starts, so what only its builder can reject fails now.
+
+    Raises a one-line ConfigError for a bad option value (a CoE ``lgm``, CIGT ``paths`` that
+    disagree with ``experts``, a top-k ``k`` above ``experts``, ...) and for experts / ep_size /
+    ``world_size`` that do not divide. The build runs on CPU (seeded, the global RNG left as
+    it was): not on the meta device, where CoE's expert seed draw cannot read its tensor. An
+    expert-parallel build needs torch.distributed's process groups, so the ep_size rules are
+    checked without building and the model is built with ep_size 1.
+    """
+    from condmoe.routing import build_model as registry_build
+
     m = cfg.model
-    options = {"experts": m.experts, "num_classes": m.num_classes, "in_channels": m.in_channels,
-               **m.options}
-    if m.hard_routed:
-        options["ep_size"] = m.ep_size
-    return registry_build(m.name, m.size, **options)
+    if m.experts % m.ep_size:
+        raise ConfigError(f"model.ep_size={m.ep_size} does not divide model.experts={m.experts}")
+    cfg.check_topology(world_size)
+    had_accelerator = "DS_ACCELERATOR" in os.environ
+    # a CPU build: deepspeed.moe's first import must not probe for (or warn about) a GPU; the
+    # variable is set only meanwhile, so Ray workers started from this process do not inherit it
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.optim.seed)
+            registry_build(m.name, m.size, **{**m.build_kwargs(), "ep_size": 1})
+    except (ValueError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model {m.name!r} (size {m.size!r}) cannot be built: {first}") from err
+    finally:
+        if not had_accelerator:
+            os.environ.pop("DS_ACCELERATOR", None)
 
 
 def has_moe_params(model: nn.Module) -> bool:

@@ -66,12 +66,14 @@ def test_missing_section_and_malformed_yaml(tmp_path):
 
 def test_overrides(tmp_path):
     p = _write(tmp_path, BASE)
-    cfg = load_job(p, ["optim.lr=0.5", "deepspeed.zero_stage=1", "model.options.width=3",
+    cfg = load_job(p, ["optim.lr=0.5", "deepspeed.zero_stage=1", "model.options.dropout=0.3",
                        "cluster.address=null", "metrics.eval_batches=2"])
     assert cfg.optim.lr == 0.5 and cfg.deepspeed.zero_stage == 1
-    assert cfg.model.options == {"width": 3} and cfg.metrics.eval_batches == 2
+    assert cfg.model.options.dropout == 0.3 and cfg.metrics.eval_batches == 2
     with pytest.raises(ConfigError, match="optim.nope"):
         load_job(p, ["optim.nope=1"])
+    with pytest.raises(ConfigError, match="unknown key 'model.options.width'"):
+        load_job(p, ["model.options.width=3"])  # options are typed per model family
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         load_job(p, ["optim.lr"])
 
