@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .expert_parallel import zero_touch
+from .expert_parallel import run_by_index
 from .info_gain import information_gain
 from .model_output import ModelOutput
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
@@ -136,7 +136,8 @@ def run_routed(blocks: nn.ModuleList, h: torch.Tensor, path: torch.Tensor, execu
                touch_idle: bool = False) -> torch.Tensor:
     """Output row i = blocks[path[i]](h[i]).  h: (B, ...), path: (B,) -> (B, ...out).
 
-    "gather": each block runs once on exactly its samples (empty blocks skipped).
+    "gather": each block runs once on exactly its samples (empty blocks skipped):
+    :func:`~condmoe.routing.expert_parallel.run_by_index`, as CoE's local experts.
     "dense": every block runs on every sample, then each sample's routed output is kept.
     """
     if len(blocks) == 1:
@@ -144,21 +145,7 @@ def run_routed(blocks: nn.ModuleList, h: torch.Tensor, path: torch.Tensor, execu
     if execution == "dense":
         outs = torch.stack([blk(h) for blk in blocks])  # (K, B, ...)
         return outs[path, torch.arange(h.shape[0], device=h.device)]
-    counts = torch.bincount(path, minlength=len(blocks)).tolist()
-    order = torch.argsort(path, stable=True)
-    chunks = torch.split(h[order], counts)  # advanced indexing keeps a channels-last layout
-    outs, idle = [], []
-    for blk, chunk, n in zip(blocks, chunks, counts):
-        if n == 0:
-            idle.append(blk)
-        else:
-            outs.append(blk(chunk))
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = torch.cat(outs)[inverse]
-    if touch_idle and idle and torch.is_grad_enabled():
-        y = y + zero_touch(idle)
-    return y
+    return run_by_index(blocks, h, path, touch_idle=touch_idle)
 
 
 class CIGT(nn.Module):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -118,23 +118,34 @@ def _deepspeed_moe_base() -> type:
     return MoE
 
 
-def _run_local(experts: nn.ModuleList, x: torch.Tensor, local_index: torch.Tensor,
-               out_shape: tuple[int, ...], touch_idle: bool) -> torch.Tensor:
-    """Run local expert i on the rows of x (N, ...) whose local_index (N,) is i; rows keep their order."""
-    n_local = len(experts)
-    counts = torch.bincount(local_index, minlength=n_local).tolist()
-    order = torch.argsort(local_index, stable=True)
-    chunks = torch.split(x[order], counts)
+def run_by_index(modules: Sequence[nn.Module], x: torch.Tensor, index: torch.Tensor, *, touch_idle: bool = False,
+                 out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Row i of the output is ``modules[index[i]](x[i])``.  x: (N, ...), index: (N,) int64 -> (N, ...out).
+
+    Each module runs once on exactly its rows (one gather in index order, modules with no
+    row skipped, one scatter back); a module returning a tuple contributes its first element.
+    Used by the expert container below (local experts) and by CIGT's paths.
+    touch_idle: with gradients on, the skipped modules join the graph (:func:`zero_touch`).
+    out_shape: the shape of one output row, needed only when x has no rows.
+    """
+    counts = torch.bincount(index, minlength=len(modules)).tolist()
+    order = torch.argsort(index, stable=True)
+    chunks = torch.split(x[order], counts)  # advanced indexing keeps a channels-last layout
     outs, idle = [], []
-    for expert, chunk, count in zip(experts, chunks, counts):
+    for module, chunk, count in zip(modules, chunks, counts):
         if count == 0:
-            idle.append(expert)
+            idle.append(module)
             continue
-        out = expert(chunk)
+        out = module(chunk)
         outs.append(out[0] if isinstance(out, tuple) else out)
-    y = torch.cat(outs)[_inverse(order)] if outs else x.new_zeros((0, *out_shape))
-    # With gradients on, the output must always be in the graph (even with no rows): the backward
-    # all-to-all is a collective, and a rank that skipped it would leave the others waiting.
+    if outs:
+        y = torch.cat(outs)[_inverse(order)]
+    elif out_shape is not None:
+        y = x.new_zeros((0, *out_shape))
+    else:
+        raise ValueError(f"run_by_index got no rows (x: {tuple(x.shape)}) and no out_shape")
+    # With gradients on, the output must always be in the graph (even with no rows): it may feed
+    # the backward all-to-all, a collective, and a rank that skipped it would leave the others waiting.
     if (touch_idle or not y.requires_grad) and idle and torch.is_grad_enabled():
         y = y + zero_touch(idle)
     return y
@@ -203,7 +214,7 @@ def _make_class() -> type:
                 raise ValueError(f"expert_index must be ({x.shape[0]},), got {tuple(expert_index.shape)}")
             touch = self.training
             if self.ep_size == 1:
-                return _run_local(self.local_experts, x, expert_index, self.out_shape, touch)
+                return run_by_index(self.local_experts, x, expert_index, touch_idle=touch, out_shape=self.out_shape)
             if self.ep_group is None:
                 self.set_deepspeed_parallelism()
             p, n_local = self.ep_size, self.num_local_experts
@@ -214,7 +225,8 @@ def _make_class() -> type:
             order = torch.argsort(expert_index, stable=True)
             arrived = all_to_all_v(x[order], send, recv, self.ep_group)
             local_index = torch.repeat_interleave(torch.arange(n_local).repeat(p), recv_counts.reshape(-1))
-            y_local = _run_local(self.local_experts, arrived, local_index, self.out_shape, touch)
+            y_local = run_by_index(self.local_experts, arrived, local_index, touch_idle=touch,
+                                   out_shape=self.out_shape)
             back = all_to_all_v(y_local, recv, send, self.ep_group)
             return back[_inverse(order)]
 
