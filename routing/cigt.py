@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .expert_parallel import run_by_index
-from .info_gain import information_gain
+from .info_gain import information_gain_loss
 from .model_output import ModelOutput
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 
@@ -204,8 +204,8 @@ class CIGT(nn.Module):
         path = self._choose(probs)
         aux: dict[str, torch.Tensor] = {}
         if targets is not None:
-            aux[f"info_gain_{l}"] = -cfg.info_gain_weight * information_gain(
-                probs, targets, self.num_classes, cfg.info_gain_beta)
+            aux[f"info_gain_{l}"] = information_gain_loss(probs, targets, self.num_classes,
+                                                          beta=cfg.info_gain_beta, weight=cfg.info_gain_weight)
         stats = RoutingStats.from_load(torch.bincount(path, minlength=router.num_paths), h.shape[0])
         router.record_stats(stats)
         return RoutingOutput(weights=probs, indices=path[:, None], stats=stats, aux_losses=aux)

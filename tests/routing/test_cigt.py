@@ -168,3 +168,24 @@ def test_fast_pools_equal_torch_pools():
     for shape in ((3, 4, 28, 28), (2, 3, 7, 9)):
         x = torch.randn(*shape)
         assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
+
+
+def test_info_gain_term_is_the_papers_loss_at_the_current_temperature():
+    """info_gain_<l> = -lambda * (beta * H(p(n)) + H(p(c)) - H(p(c, n))) of the router's softmax(z / T)."""
+    torch.manual_seed(0)
+    model = build_model("cigt_lenet", "tiny", info_gain_weight=0.7, info_gain_beta=1.5, initial_temperature=3.0)
+    model.eval()
+    x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    out = model(x, y)
+    with torch.no_grad():
+        z, probs = model.routers[0](model.layers[0][0](x), model.temperature())
+    assert model.temperature() == 3.0 and torch.allclose(probs, (z / 3.0).softmax(-1))
+    joint = torch.zeros(10, probs.shape[1], dtype=torch.float64)
+    for p_row, c in zip(probs.double(), y.tolist()):
+        joint[c] += p_row / len(y)
+
+    def h(p):
+        return -(p * torch.log(p + 1e-30)).sum().item()
+
+    expected = -0.7 * (1.5 * h(joint.sum(0)) + h(joint.sum(1)) - h(joint))
+    assert out.losses["info_gain_0"].item() == pytest.approx(expected, rel=1e-5)
