@@ -95,7 +95,7 @@ class Trainer:
             self.step += 1
             done += 1
             exporter.update({"step": self.step, "steps": 1, "samples": self.batch, "loss": float(out.loss.detach()),
-                             "routing": {n: s.as_dict() for n, s in stats.items()},
+                             "routing": stats,
                              "step_seconds": [time.perf_counter() - t0], "data_wait_seconds": [0.0]})
         return done
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from condmoe.trainer.records import read_jsonl
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +117,8 @@ def condmoe_job(args, job: Path, storage: Path, name: str) -> dict:
                        env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"condmoe train failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    recs = [json.loads(line) for line in (storage / name / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in recs[1:] if not any(k.startswith("eval_") for k in r)]
+    recs = read_jsonl(storage / name / "metrics.jsonl", "step")
+    rates = [r["samples_per_s"] for r in recs[1:]]
     return {"samples_per_s": statistics.median(rates) if rates else float("nan"),
             "first_step_s": recs[0]["first_step_time"] - start, "total_s": time.time() - start}
 

@@ -10,6 +10,7 @@ way Prometheus' scrapes are served outside the training processes.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ def _serve_main() -> None:
 
 
 def _serve(job: str, host: str, port: int, conn) -> None:
-    """Child process of :class:`ExporterProcess`: serve, and apply commands from the pipe until "stop"."""
+    """Child process of :class:`ExporterProcess`: serve, and run the exporter calls sent down the
+    pipe, ``(method, args, reply)``, until "stop" or until the owner goes away."""
     import prometheus_client
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -48,17 +50,14 @@ def _serve(job: str, host: str, port: int, conn) -> None:
     try:
         while True:
             try:
-                cmd, arg = conn.recv()
+                method, args, reply = pickle.loads(conn.recv_bytes())
             except EOFError:  # the owner died: stop serving
                 return
-            if cmd == "update":
-                exporter.update(arg)
-            elif cmd == "scrape_state":
-                conn.send(exporter.scrape_state())
-            elif cmd == "exposition":
-                conn.send(exporter.exposition())
-            elif cmd == "stop":
+            if method == "stop":
                 return
+            result = getattr(exporter, method)(*args)
+            if reply:
+                conn.send(result)
     finally:
         exporter.stop()
 
@@ -123,26 +122,28 @@ class ExporterProcess:
         log.info("Prometheus exporter for job %s: %s", self.job, self.url)
         return self.url
 
-    def _call(self, cmd: str, arg: Any = None, reply: bool = False) -> Any:
+    def _call(self, method: str, *args: Any, reply: bool = True) -> Any:
         if self._conn is None:
             raise RuntimeError(f"exporter process for job {self.job!r} is not running")
         with self._lock:
-            self._conn.send((cmd, arg))
+            # plain pickle, not the connection's: torch registers reductions with multiprocessing's
+            # pickler that would pass tensors as shared-memory file descriptors
+            self._conn.send_bytes(pickle.dumps((method, args, reply)))
             return self._conn.recv() if reply else None
 
     def update(self, update: dict[str, Any]) -> None:
-        self._call("update", update)
+        self._call("update", update, reply=False)  # fire and forget: training never waits on it
 
     def scrape_state(self) -> dict[str, float]:
-        return self._call("scrape_state", reply=True)
+        return self._call("scrape_state")
 
     def exposition(self) -> str:
-        return self._call("exposition", reply=True)
+        return self._call("exposition")
 
     def stop(self) -> None:
         if self._conn is not None:
             try:
-                self._call("stop")
+                self._call("stop", reply=False)
             except (OSError, EOFError):
                 pass
             self._conn.close()
@@ -160,40 +161,25 @@ def actor_name(job: str) -> str:
     return f"condmoe-metrics-{job}"
 
 
+class _ServingExporter(MetricsExporter):
+    """The actor's body: a MetricsExporter that serves from the start (its calls are the actor's)."""
+
+    def __init__(self, job: str, host: str, port: int) -> None:
+        import prometheus_client
+
+        logging.basicConfig(level=logging.INFO)
+        prometheus_client.disable_created_metrics()  # its own process: no *_created series
+        super().__init__(job, host, port)
+        self.start()
+
+    def get_url(self) -> str:
+        return self.url
+
+
 def _actor_class():
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=0)
-    class ExporterActor:
-        """A MetricsExporter in its own process on the head node (one per job)."""
-
-        def __init__(self, job: str, host: str, port: int) -> None:
-            import prometheus_client
-
-            logging.basicConfig(level=logging.INFO)
-            prometheus_client.disable_created_metrics()  # its own process: no *_created series
-            self.exporter = MetricsExporter(job, host, port)
-            self.exporter.start()
-
-        def url(self) -> str:
-            return self.exporter.url
-
-        def update(self, update: dict) -> None:
-            self.exporter.update(update)
-
-        def attach(self, session: str) -> bool:
-            return self.exporter.attach(session)
-
-        def scrape_state(self) -> dict:
-            return self.exporter.scrape_state()
-
-        def exposition(self) -> str:
-            return self.exporter.exposition()
-
-        def stop(self) -> None:
-            self.exporter.stop()
-
-    return ExporterActor
+    return ray.remote(num_cpus=0, max_restarts=0)(_ServingExporter)
 
 
 @dataclass
@@ -260,13 +246,13 @@ def start_job_exporter(cfg) -> JobExporter:
     existing = find_job_exporter(job)
     try:
         if existing is not None:
-            url = ray.get(existing.url.remote(), timeout=30)
+            url = ray.get(existing.get_url.remote(), timeout=30)
             log.info("Prometheus exporter for job %s (already running): %s", job, url)
             return JobExporter(job, existing, url, owned=False)
         head = {"node:__internal_head__": 0.001} if "node:__internal_head__" in ray.cluster_resources() else {}
         actor = _actor_class().options(name=actor_name(job), namespace=NAMESPACE, resources=head).remote(
             job, prom.host, prom.port)
-        url = ray.get(actor.url.remote(), timeout=60)
+        url = ray.get(actor.get_url.remote(), timeout=60)
     except Exception as exc:  # noqa: BLE001
         log.warning("Prometheus exporter for job %s did not start: %s", job, exc)
         return JobExporter(job)

@@ -3,9 +3,9 @@
 ScalingConfig (workers, CPUs/GPUs each), RunConfig(storage_path, name) and
 FailureConfig(max_failures) come from the job's cluster section. With no
 address an embedded local Ray is started (the laptop case). Each worker runs
-condmoe.trainer.loop.train; its ``report`` hands metrics and the path of the
-checkpoint it just wrote (already inside the run directory, so nothing is
-copied) to Ray Train. After a worker failure Ray restarts the group and the
+condmoe.trainer.loop.train with the job's sinks (condmoe.cluster.sinks: jsonl,
+Parquet, Prometheus, and Ray Train's report, which receives each checkpoint
+the loop wrote, already inside the run directory, so nothing is copied). After a worker failure Ray restarts the group and the
 workers resume from the newest complete checkpoint.
 """
 
@@ -84,35 +84,19 @@ def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry: run the one train loop, reporting to Ray Train."""
     import ray.train
-    from ray.train import Checkpoint
-    from ray.train.v2.api.report_config import CheckpointUploadMode
 
+    from condmoe.cluster.ray_logs import quiet_train_reports
+    from condmoe.cluster.sinks import job_sinks
     from condmoe.trainer.loop import train
 
+    quiet_train_reports()  # Ray Train's line per report stays out of the terminal unless -v
     cfg = job_from_dict(config["job"], source="<job>")
     ray_ckpt = ray.train.get_checkpoint()
     resume = config.get("resume")
     if ray_ckpt is not None:
         resume = ray_ckpt.path  # after a restart; the run's own newest checkpoint still wins
-
-    def report(metrics: dict, path: Path | None) -> None:
-        # ray.train.report is a barrier through the controller (~seconds on a busy CPU), so only
-        # checkpoint events go to Ray Train; every log line is in metrics.jsonl and the log
-        if "checkpoint_step" not in metrics:
-            return
-        # scalars only: per-layer routing stats are in the Parquet log and the checkpoint's
-        # meta.json, and Ray Train logs every reported dict in full
-        flat = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
-        ckpt = None
-        if path is not None and Path(path).is_relative_to(cfg.run_dir):
-            ckpt = Checkpoint(str(path))
-        ray.train.report(flat, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-
-    from condmoe.cluster.monitor import worker_monitor
-
-    # Prometheus feed + Parquet routing log (rank 0), step-time and data-wait timing
-    with worker_monitor(cfg, report) as mon:
-        train(cfg, report=mon.report, resume=resume, on_step=mon.on_step, loader_factory=mon.loader_factory)
+    rank = ray.train.get_context().get_world_rank()
+    train(cfg, sinks=job_sinks(cfg, rank, ray_train=True), resume=resume)
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:
@@ -151,7 +135,7 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from condmoe.cluster.metrics import start_job_exporter
+    from condmoe.cluster.exporter_hosts import start_job_exporter
 
     started = _init_ray(cfg, address)
     exporter = start_job_exporter(cfg)  # one Prometheus exporter per job (head node); logs its URL

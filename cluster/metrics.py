@@ -1,10 +1,10 @@
 """Prometheus export of expert use and training health: one exporter per job.
 
 The exporter (prometheus_client, its own registry and HTTP server) lives in a
-Ray actor on the head node (:func:`start_job_exporter`, called by the job's
-driver) or, with no Ray around, in a child process of rank 0 (both in
-condmoe.cluster.exporter_hosts); either way scrapes never run in a training
-process. Rank 0 feeds it the aggregate of all ranks' RoutingStats (already
+Ray actor on the head node or, with no Ray around, in a child process of rank
+0 (condmoe.cluster.exporter_hosts says where); either way scrapes never run in
+a training process. Each worker's PrometheusSink (condmoe.cluster.sinks)
+feeds it; rank 0 sends the aggregate of all ranks' RoutingStats (already
 all-reduced by the train loop) every ``metrics.prometheus.every_n_steps``
 steps; per-expert series carry the labels ``job``, ``layer``, ``expert`` and
 never a rank, so cardinality stays layers x experts.
@@ -14,13 +14,13 @@ Names follow the Prometheus conventions: prefix ``condmoe_``, base units
 with Prometheus' own target label: scrape with ``honor_labels: true`` (see
 deploy/prometheus/prometheus.yml).
 
-The update fed to :meth:`JobMetrics.apply` is a plain dict (it travels to the
-actor), every key optional::
+The update fed to :meth:`JobMetrics.apply` is a dict pickled once into the
+exporter's process (RoutingStats travel as they are), every key optional::
 
     step: int                 last optimiser step covered
     steps, samples: int       new optimiser steps / training samples since the last update
     loss, eval_accuracy: float
-    routing: {layer: RoutingStats.as_dict()}   new routing stats, summed over ranks
+    routing: {layer: RoutingStats}   new routing stats, summed over ranks
     step_seconds, data_wait_seconds, checkpoint_seconds: list[float]  observations
     bad_samples: {reason: int}                 new skipped samples
     restart: bool             a new worker group (after a failure) attached
@@ -105,10 +105,8 @@ class JobMetrics:
     def apply(self, update: dict[str, Any]) -> None:
         """Fold one update (see the module docstring) into the metrics."""
         job = self.job
-        for name, d in (update.get("routing") or {}).items():
-            self._apply_layer(name, RoutingStats.from_load(
-                _tensor(d["load"]), d["samples"], dropped=d.get("dropped", 0),
-                early_exits=d.get("early_exits", 0), kind=d.get("kind", "hard")))
+        for name, stats in (update.get("routing") or {}).items():
+            self._apply_layer(name, stats)
         if update.get("steps"):
             self.steps.labels(job).inc(int(update["steps"]))
         if update.get("samples"):
@@ -265,13 +263,6 @@ class MetricsExporter:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-def start_job_exporter(cfg):
-    """The job driver's entry (cluster/launch.py); see condmoe.cluster.exporter_hosts.start_job_exporter."""
-    from .exporter_hosts import start_job_exporter as start
-
-    return start(cfg)
-
 
 def parse_exposition(text: str, job: str | None = None) -> dict[str, RoutingStats]:
     """Rebuild run-total RoutingStats per layer from an exposition (``condmoe experts URL``)."""

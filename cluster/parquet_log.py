@@ -5,15 +5,14 @@ Layout under the run directory::
     monitor/routing/part-<attempt>-<seq>.parquet   one row per (optimiser step, routed layer)
     monitor/train/part-<attempt>-<seq>.parquet     one row per report (loss, throughput, eval)
 
-Routing rows hold each step's stats summed over all ranks (the loop sends them
-as ``routing_steps`` with every report, all-reduced in one collective); a train
-row covers the ``steps`` optimiser steps since the previous report (the loop
-reports every ``metrics.log_every`` steps). A report without ``routing_steps``
-gives one routing row per layer for its whole interval. Rows are buffered and
-written as a new file at each checkpoint, every ``flush_rows`` rows and at
-the end, so a crash loses at most the rows since the last checkpoint. After a
-restart the resumed attempt rewrites steps the failed one had already
-logged; :func:`read_routing` / :func:`read_train` keep the newest attempt's
+Routing rows hold each step's stats summed over all ranks (a StepRecord's
+``routing_steps``: the train loop all-reduces an interval's steps in one
+collective); a train row covers the ``steps`` optimiser steps since the
+previous StepRecord (the loop reports every ``metrics.log_every`` steps).
+Rows are buffered and written as a new file at each checkpoint, every
+``flush_rows`` train rows and at the end, so a crash loses at most the rows
+since the last checkpoint. After a restart the resumed attempt rewrites steps
+the failed one had already logged; :func:`read_routing` / :func:`read_train` keep the newest attempt's
 row for each step.
 """
 
@@ -28,6 +27,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
+from condmoe.trainer.records import CheckpointRecord, EvalRecord, Record, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,11 @@ def monitor_dir(run_dir: str | Path) -> Path:
 
 
 class ParquetLog:
-    """Rank 0's writer: :meth:`add` each report's metrics dict, :meth:`flush` to a new file."""
+    """Rank 0's sink: StepRecords become routing rows and a train row; :meth:`flush` writes a new file.
+
+    An EvalRecord or CheckpointRecord of the same step fills in the pending train
+    row; a checkpoint also flushes, so the files on disk cover every checkpoint.
+    """
 
     def __init__(self, run_dir: str | Path, *, flush_rows: int = 512) -> None:
         if flush_rows < 1:
@@ -59,37 +64,45 @@ class ParquetLog:
         self.flush_rows = flush_rows
         self.attempt = time.time_ns()
         self._seq = 0
-        self._last_step: int | None = None
         self._routing: list[dict[str, Any]] = []
         self._train: list[dict[str, Any]] = []
 
-    def add(self, metrics: dict[str, Any], checkpoint: str | Path | None = None) -> None:
-        """One report of the train loop: {"step", "loss", "routing": {layer: as_dict()}, ...}."""
-        step = int(metrics["step"])
-        steps = step - self._last_step if self._last_step is not None and step > self._last_step else None
-        self._last_step = step
-        now = time.time()
-        base = {"step": step, "steps": steps, "time": int(now * 1000), "attempt": self.attempt}
-        per_step = metrics.get("routing_steps")
-        if per_step is None:
-            per_step = [{"step": step, "steps": steps, "routing": metrics.get("routing") or {}}]
-        for entry in per_step:
-            row = {**base, "step": int(entry["step"]), "steps": entry.get("steps", 1)}
-            for layer, d in entry["routing"].items():
-                self._routing.append({**row, "layer": layer, "kind": d["kind"], "experts": len(d["load"]),
-                                      "load": [float(v) for v in d["load"]], "samples": int(d["samples"]),
-                                      "dropped": int(d["dropped"]), "early_exits": int(d["early_exits"]),
-                                      "entropy": float(d["entropy"]), "imbalance": float(d["imbalance"])})
-        self._train.append({**base, **{k: _float(metrics.get(k)) for k in (
-            "loss", "lr", "samples_per_s", "eval_accuracy", "eval_macs_per_sample", "eval_exit_rate")},
-            "checkpoint": str(checkpoint) if checkpoint else None})
-        if checkpoint is not None or len(self._train) >= self.flush_rows:
+    def write(self, record: Record) -> None:
+        if isinstance(record, StepRecord):
+            base = {"time": int(record.time * 1000), "attempt": self.attempt}
+            for step, stats in record.routing_steps:
+                for layer, s in stats.items():
+                    self._routing.append({**base, "step": step, "steps": 1, "layer": layer, "kind": s.kind,
+                                          "experts": s.num_experts, "load": s.load.tolist(),
+                                          "samples": s.samples, "dropped": s.dropped,
+                                          "early_exits": s.early_exits, "entropy": s.entropy,
+                                          "imbalance": s.imbalance})
+            if len(self._train) >= self.flush_rows:
+                self.flush()
+            self._train.append({**base, "step": record.step, "steps": record.steps, "loss": record.loss,
+                                "lr": record.lr, "samples_per_s": record.samples_per_s,
+                                "eval_accuracy": None, "eval_macs_per_sample": None, "eval_exit_rate": None,
+                                "checkpoint": None})
+        elif isinstance(record, EvalRecord):
+            self._pending(record.step).update(eval_accuracy=record.accuracy,
+                                              eval_macs_per_sample=record.macs_per_sample,
+                                              eval_exit_rate=record.exit_rate)
+        elif isinstance(record, CheckpointRecord):
+            self._pending(record.step)["checkpoint"] = None if record.path is None else str(record.path)
             self.flush()
 
-    def set_first_step(self, step: int) -> None:
-        """The step before this attempt's first one (so the first row knows how many steps it covers)."""
-        if self._last_step is None:
-            self._last_step = int(step)
+    def _pending(self, step: int) -> dict[str, Any]:
+        """The train row of ``step`` (a new one when the step had no StepRecord in this attempt)."""
+        if self._train and self._train[-1]["step"] == step:
+            return self._train[-1]
+        row = {"step": step, "steps": 0, "time": int(time.time() * 1000), "attempt": self.attempt,
+               **{k: None for k in ("loss", "lr", "samples_per_s", "eval_accuracy", "eval_macs_per_sample",
+                                    "eval_exit_rate", "checkpoint")}}
+        self._train.append(row)
+        return row
+
+    def close(self) -> None:
+        self.flush()
 
     def flush(self) -> None:
         if not self._train and not self._routing:
@@ -106,10 +119,6 @@ class ParquetLog:
             os.replace(tmp, folder / name)  # readers never see half a file
         self._seq += 1
         self._routing, self._train = [], []
-
-
-def _float(v: Any) -> float | None:
-    return None if v is None else float(v)
 
 
 def _read(run_dir: str | Path, sub: str, schema: pa.Schema, keys: list[str]) -> pa.Table:

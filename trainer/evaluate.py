@@ -41,6 +41,6 @@ def evaluate_checkpoint(ckpt: str | Path, *, data_path: str | None = None, split
     engine = build_engine(cfg, 1)
     CheckpointManager(path.parent).load(engine, path, world_size=1, ep_size=1)
     loader = streaming_loader(cfg, split or cfg.data.eval_split, cfg.data.eval_batch_size, 0, 1, False)
-    metrics = evaluate(engine, loader, max_batches=max_batches, macs_batches=10**9)
+    metrics = evaluate(engine, loader, max_batches=max_batches, macs_batches=10**9).as_metrics()
     return {"checkpoint": str(path), "step": meta["step"], "model": cfg.model.name, **metrics,
             "routing": meta.get("routing", {})}

@@ -13,6 +13,7 @@ import pytest
 from condmoe.cluster.launch import launch
 from condmoe.trainer.checkpoint import list_checkpoints, read_meta
 from condmoe.trainer.config import load_job
+from condmoe.trainer.records import read_jsonl
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,7 +33,7 @@ def test_config_job_trains_with_two_workers(job, fmnist_shards, ray_local, tmp_p
     assert res.error is None
     assert res.metrics["step"] == steps
     assert 0.0 <= res.metrics["eval_accuracy"] <= 1.0 and res.metrics["eval_macs_per_sample"] > 0
-    history = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = read_jsonl(cfg.run_dir / "metrics.jsonl", "step")
     losses = [h["loss"] for h in history]
     assert len(losses) == steps
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3

@@ -73,7 +73,7 @@ def soft_updates():
             stats = collect_routing_stats(model)
             totals = accumulate_stats(totals, stats)
             updates.append({"step": i + 1, "steps": 1, "samples": 64, "loss": 2.0 - 0.1 * i,
-                            "routing": {n: s.as_dict() for n, s in stats.items()},
+                            "routing": stats,
                             "step_seconds": [0.05], "data_wait_seconds": [0.001, 0.002]})
     return updates, totals, stats
 
@@ -93,7 +93,7 @@ def scraped_job(fmnist_shards, tmp_path_factory):
     import ray
 
     from condmoe.cluster.launch import launch
-    from condmoe.cluster.metrics import start_job_exporter
+    from condmoe.cluster.exporter_hosts import start_job_exporter
     from condmoe.trainer.config import load_job
 
     tmp = tmp_path_factory.mktemp("job")

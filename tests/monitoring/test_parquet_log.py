@@ -5,27 +5,31 @@ from __future__ import annotations
 import pyarrow.dataset as pads
 import pytest
 
+import torch
+
 from condmoe.cluster.metrics import MetricsExporter
 from condmoe.cluster.parquet_log import ParquetLog, read_routing, read_train, routing_totals
+from condmoe.routing import RoutingStats
+from condmoe.trainer.records import CheckpointRecord, EvalRecord, StepRecord
 
 
-def _metrics(step: int, load: list[float], loss: float) -> dict:
-    return {"step": step, "loss": loss, "lr": 1e-3, "samples_per_s": 100.0,
-            "routing": {"moe": {"kind": "hard", "load": load, "samples": int(sum(load)), "dropped": 1,
-                                "early_exits": 0, "entropy": 0.5, "imbalance": 1.5}}}
+def _record(step: int, load: list[float], loss: float) -> StepRecord:
+    stats = {"moe": RoutingStats.from_load(torch.tensor(load), int(sum(load)), dropped=1)}
+    return StepRecord(step=step, steps=1, samples=32, loss=loss, lr=1e-3, epoch=0, samples_per_s=100.0,
+                      first_step_time=0.0, routing=stats, routing_steps=[(step, stats)])
 
 
 def test_restarted_attempt_wins_for_the_steps_it_reran(tmp_path):
     first = ParquetLog(tmp_path, flush_rows=2)
-    first.set_first_step(0)
     for step in range(1, 5):
-        first.add(_metrics(step, [step, 0.0], 1.0))
+        first.write(_record(step, [step, 0.0], 1.0))
     first.flush()
     second = ParquetLog(tmp_path)  # resumed from a checkpoint at step 2: steps 3..5 run again
     assert second.attempt > first.attempt
-    second.set_first_step(2)
     for step in range(3, 6):
-        second.add(_metrics(step, [0.0, step], 2.0), checkpoint=tmp_path / "ck" if step == 5 else None)
+        second.write(_record(step, [0.0, step], 2.0))
+    second.write(EvalRecord(5, accuracy=0.75, samples=100, macs_per_sample=1e6, exit_rate=0.0))
+    second.write(CheckpointRecord(5, tmp_path / "ck", 0.5))
     files = sorted(p.name for p in (tmp_path / "monitor" / "routing").iterdir())
     assert len(files) == 3 and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
     raw = pads.dataset(str(tmp_path / "monitor" / "routing"), format="parquet").to_table()
@@ -34,7 +38,11 @@ def test_restarted_attempt_wins_for_the_steps_it_reran(tmp_path):
     assert table.column("step").to_pylist() == [1, 2, 3, 4, 5]
     assert table.column("load").to_pylist() == [[1, 0], [2, 0], [0, 3], [0, 4], [0, 5]]
     assert table.column("steps").to_pylist() == [1, 1, 1, 1, 1]
-    assert read_train(tmp_path).column("loss").to_pylist() == [1.0, 1.0, 2.0, 2.0, 2.0]
+    train = read_train(tmp_path)
+    assert train.column("loss").to_pylist() == [1.0, 1.0, 2.0, 2.0, 2.0]
+    # the evaluation and the checkpoint of step 5 fill in that step's train row
+    assert train.column("eval_accuracy").to_pylist() == [None, None, None, None, 0.75]
+    assert train.column("checkpoint").to_pylist()[-1] == str(tmp_path / "ck")
     totals = routing_totals(tmp_path)
     assert totals["moe"].load.tolist() == [3.0, 12.0] and totals["moe"].dropped == 5
     assert routing_totals(tmp_path, last_steps=2)["moe"].load.tolist() == [0.0, 9.0]

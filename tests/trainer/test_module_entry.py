@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from condmoe.trainer.records import read_jsonl
+
 JOB = Path(__file__).resolve().parents[2] / "configs" / "cigt.yaml"
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
@@ -25,8 +27,9 @@ def test_module_entry_trains_one_process(fmnist_shards, tmp_path):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["step"] == 3 and res["checkpoint"].endswith("step-00000003")
     assert 0.0 <= res["eval"]["eval_accuracy"] <= 1.0
-    history = [json.loads(x) for x in (tmp_path / "cigt" / "metrics.jsonl").read_text().splitlines()]
-    assert history[-1]["step"] == 3 and history[-1]["checkpoint_step"] == 3
+    history = read_jsonl(tmp_path / "cigt" / "metrics.jsonl")
+    assert [h["kind"] for h in history] == ["restart", "step", "eval", "checkpoint"]  # log_every 20: one report
+    assert history[-1]["step"] == 3 and history[-1]["path"] == res["checkpoint"]
 
 
 def test_module_entry_bad_key(tmp_path):
