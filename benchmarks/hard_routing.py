@@ -228,6 +228,7 @@ def _ep_worker(rank: int, world: int, port: int, batch: int, experts: int, round
 def bench_topk_ep(batch: int, experts: int, rounds: int, iters: int, threads: int,
                   malloc_tuned: bool) -> list[dict]:
     out = RESULTS.parent / "_ep_tmp.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)  # the workers write their timings here (a fresh clone has none)
     ctx = mp.start_processes(_ep_worker, args=(2, free_port(), batch, experts, rounds, iters, threads, malloc_tuned,
                                                str(out)),
                              nprocs=2, join=False, start_method="spawn")
