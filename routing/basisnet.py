@@ -125,14 +125,19 @@ class BasisNet(nn.Module):
 
     ``specialist`` must accept ``(x, routing_weights=(B, N))`` and return a
     ModelOutput (e.g. a CondConvCNN built with ``own_routers=False``).
+    ``light``: a lightweight model other than :class:`LightweightModel` (then
+    ``config.light_channels`` / ``light_input_scale`` are the caller's business):
+    (B, C, H, W) -> (logits (B, K), features (B, F)), with an ``out_features`` attribute.
     forward(x: (B, C, H, W), targets: (B,) | None) -> ModelOutput; ``exited`` is
     set at inference when ``config.exit_threshold`` is not None.
     """
 
-    def __init__(self, specialist: nn.Module, config: BasisNetConfig, *, in_channels: int, num_classes: int) -> None:
+    def __init__(self, specialist: nn.Module, config: BasisNetConfig, *, in_channels: int, num_classes: int,
+                 light: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.light = LightweightModel(in_channels, num_classes, config.light_channels, config.light_input_scale)
+        self.light = light if light is not None else LightweightModel(
+            in_channels, num_classes, config.light_channels, config.light_input_scale)
         self.coefficients = BasisCoefficients(
             self.light.out_features, config.num_bases, config.temperature, config.coefficient_dropout
         )

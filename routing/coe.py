@@ -108,20 +108,29 @@ class Delegator(nn.Module):
     input_scale < 1: the delegator previews a downscaled image (area-averaged), as
     BasisNet's lightweight model may; it runs on every sample, so its cost is paid
     E-independently on top of the one expert.
+    backbone: instead of the conv stack, any module (B, C, H, W) -> (B, F, h, w) or
+    pooled (B, F) with ``backbone_features`` = F (e.g. a MobileNetV3-Small body).
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_experts: int, channels: tuple[int, ...],
-                 learned_vcm: bool, norm: str = "batch", input_scale: float = 1.0) -> None:
+                 learned_vcm: bool, norm: str = "batch", input_scale: float = 1.0,
+                 backbone: nn.Module | None = None, backbone_features: int | None = None) -> None:
         super().__init__()
         if not 0.0 < input_scale <= 1.0:
             raise ValueError(f"Delegator input_scale must be in (0, 1], got {input_scale}")
+        if (backbone is None) != (backbone_features is None):
+            raise ValueError("Delegator backbone and backbone_features go together")
         self.input_scale = input_scale
-        layers: list[nn.Module] = []
-        ch = in_channels
-        for out_ch in channels:
-            layers += [nn.Conv2d(ch, out_ch, 3, 2, 1, bias=False), make_norm(norm, out_ch), nn.ReLU(inplace=True)]
-            ch = out_ch
-        self.body = nn.Sequential(*layers)
+        if backbone is not None:
+            self.body, ch = backbone, int(backbone_features)
+        else:
+            layers: list[nn.Module] = []
+            ch = in_channels
+            for out_ch in channels:
+                layers += [nn.Conv2d(ch, out_ch, 3, 2, 1, bias=False), make_norm(norm, out_ch),
+                           nn.ReLU(inplace=True)]
+                ch = out_ch
+            self.body = nn.Sequential(*layers)
         self.select = nn.Linear(ch, num_experts)
         self.rough = nn.Linear(ch, num_classes)
         self.vcm = nn.Linear(ch, 1) if learned_vcm else None
@@ -139,7 +148,8 @@ class Delegator(nn.Module):
                 x = F.avg_pool2d(x, k)
             else:
                 x = F.interpolate(x, scale_factor=self.input_scale, mode="area")
-        return self.body(x).mean(dim=(2, 3))
+        f = self.body(x)
+        return f if f.dim() == 2 else f.mean(dim=(2, 3))
 
 
 def balanced_assignment(losses: torch.Tensor, capacity: int) -> torch.Tensor:

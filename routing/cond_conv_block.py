@@ -4,9 +4,13 @@ Yang et al., "CondConv", NeurIPS 2019, arXiv 1904.04971: routing weights are
 ``alpha(x) = sigmoid(FC(GAP(x)))``, one value per expert, not normalised, computed
 once per block from the block input and shared by every CondConv layer of the
 block. The block is MobileNetV2's inverted residual (Sandler et al., arXiv
-1801.04381): 1x1 expand -> 3x3 depthwise -> 1x1 project, residual when shapes
-allow. With ``num_experts == 1`` the block is the static baseline of the same
-shape: plain ``nn.Conv2d`` layers and no router.
+1801.04381): 1x1 expand -> kxk depthwise -> [squeeze-excite] -> 1x1 project,
+residual when shapes allow; kernel size, activation and squeeze-excite make it
+EfficientNet's MBConv (arXiv 1905.11946) and MobileNetV3's block (arXiv
+1905.02244) too. With ``expand_ratio == 1`` there is no expand convolution
+(MobileNetV2's first block, EfficientNet's and MobileNetV3's depthwise-separable
+first block). With ``num_experts == 1`` the block is the static baseline of the
+same shape: plain ``nn.Conv2d`` layers and no router.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .activations import make_activation
 from .cond_conv2d import CondConv2d
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
+from .squeeze_excite import SqueezeExcite
 
 
 class CondConvRouter(RoutedModule):
@@ -55,32 +61,46 @@ def _conv(in_ch: int, out_ch: int, k: int, stride: int, groups: int, experts: in
 
 
 class CondConvInvertedResidual(nn.Module):
-    """MobileNetV2 inverted residual whose three convolutions are CondConv layers.
+    """Inverted residual (MBConv) whose expand, depthwise and project convolutions are CondConv layers.
 
     forward(x: (B, C_in, H, W), routing_weights: (B, E) | None) -> (B, C_out, H/stride, W/stride).
     With ``own_router`` the block computes its routing weights from its input
     (CondConv); without, the caller passes them (BasisNet's shared coefficients).
+    hidden_channels: the expanded width (default in_channels * expand_ratio).
+    se_channels > 0 adds a static squeeze-excite of that reduced width after the
+    depthwise convolution (activation ``se_activation``, default the block's; gate ``se_gate``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, expand_ratio: int = 4,
-                 num_experts: int = 8, own_router: bool = True, router_dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1, expand_ratio: float = 4,
+                 num_experts: int = 8, own_router: bool = True, router_dropout: float = 0.0, kernel_size: int = 3,
+                 activation: str = "relu6", hidden_channels: int | None = None, se_channels: int = 0,
+                 se_activation: str | None = None, se_gate: str = "sigmoid") -> None:
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"inverted residual stride must be 1 or 2, got {stride}")
-        hidden = in_channels * expand_ratio
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"inverted residual kernel_size must be odd and >= 1, got {kernel_size}")
+        hidden = hidden_channels if hidden_channels is not None else int(round(in_channels * expand_ratio))
+        if expand_ratio == 1 and hidden != in_channels:
+            raise ValueError(f"expand_ratio=1 means no expansion, but hidden_channels={hidden} != {in_channels}")
         self.num_experts = num_experts
         self.use_residual = stride == 1 and in_channels == out_channels
         self.router = (
             CondConvRouter(in_channels, num_experts, dropout=router_dropout)
             if own_router and num_experts > 1 else None
         )
-        self.expand = _conv(in_channels, hidden, 1, 1, 1, num_experts)
-        self.bn1 = nn.BatchNorm2d(hidden)
-        self.depthwise = _conv(hidden, hidden, 3, stride, hidden, num_experts)
+        if expand_ratio != 1:
+            self.expand = _conv(in_channels, hidden, 1, 1, 1, num_experts)
+            self.bn1 = nn.BatchNorm2d(hidden)
+        else:
+            self.expand = self.bn1 = None
+        self.depthwise = _conv(hidden, hidden, kernel_size, stride, hidden, num_experts)
         self.bn2 = nn.BatchNorm2d(hidden)
+        self.se = (SqueezeExcite(hidden, se_channels, activation=se_activation or activation, gate=se_gate)
+                   if se_channels > 0 else None)
         self.project = _conv(hidden, out_channels, 1, 1, 1, num_experts)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU6(inplace=True)
+        self.act = make_activation(activation)
 
     def _run_conv(self, conv: nn.Module, x: torch.Tensor, rw: torch.Tensor | None) -> torch.Tensor:
         return conv(x) if rw is None else conv(x, rw)
@@ -93,7 +113,9 @@ class CondConvInvertedResidual(nn.Module):
             rw = self.router(x).weights
         if self.num_experts == 1:
             rw = None
-        out = self.act(self.bn1(self._run_conv(self.expand, x, rw)))
+        out = x if self.expand is None else self.act(self.bn1(self._run_conv(self.expand, x, rw)))
         out = self.act(self.bn2(self._run_conv(self.depthwise, out, rw)))
+        if self.se is not None:
+            out = self.se(out)
         out = self.bn3(self._run_conv(self.project, out, rw))
         return out + x if self.use_residual else out
