@@ -4,7 +4,9 @@
 overrides and returns a :class:`JobConfig`. Unknown keys and wrong types raise
 :class:`ConfigError`, one line naming the field and the file. The DeepSpeed
 JSON is generated from the tree by :func:`deepspeed_config` (never kept by
-hand beside it).
+hand beside it). The ``model`` section is a union discriminated by ``model.name``:
+each registered family's options are typed (a dataclass next to its builder in
+condmoe.routing.models), so a misspelt model option fails here too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model,
@@ -22,7 +24,11 @@ from pydantic_core import PydanticCustomError
 
 from condmoe.datasets.urls import local_path
 
+if TYPE_CHECKING:
+    from condmoe.routing.models import ModelFamily
+
 log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A job file that does not validate; the message is one line naming field and file."""
@@ -71,8 +77,8 @@ class ModelConfig(_Section):
         return self
 
     @property
-    def family(self):
-        """The registered family (condmoe.routing.models.ModelFamily)."""
+    def family(self) -> ModelFamily:
+        """The registered family: builder, sizes, options class, expert parallelism."""
         from condmoe.routing.models import model_family
 
         return model_family(self.name)
