@@ -78,6 +78,22 @@ class JobMetrics:
                                "interval (1: balanced)", ll, registry=r)
         self.entropy = Gauge("condmoe_layer_routing_entropy_ratio", "Entropy of the expert load over the last "
                              "update interval, normalised to 0..1", ll, registry=r)
+        # routing diversity (soft routing: how much the per-image mixtures differ, RoutingStats.from_weights):
+        # gauges for the last interval, counters of the summable parts for run totals (condmoe experts URL)
+        self.diversity = Gauge("condmoe_layer_routing_diversity_ratio", "Spread of the per-image routing "
+                               "mixtures over the last update interval: RMS distance from their mean over its "
+                               "maximum (0: one mixture for all images, 1: one-hot and balanced)", ll, registry=r)
+        self.mixture_entropy = Gauge("condmoe_layer_mixture_entropy_ratio", "Mean per-image entropy of the "
+                                     "routing mixtures over the last update interval, normalised to 0..1", ll,
+                                     registry=r)
+        self.mix_count = Counter("condmoe_layer_mixture_samples", "Images whose routing mixture was recorded",
+                                 ll, registry=r)
+        self.mix_sq = Counter("condmoe_layer_mixture_square_norm", "Squared L2 norms of the per-image routing "
+                              "mixtures, summed", ll, registry=r)
+        self.mix_entropy = Counter("condmoe_layer_mixture_entropy_nats", "Entropies of the per-image routing "
+                                   "mixtures (nats), summed", ll, registry=r)
+        self.mix_share = Counter("condmoe_expert_mixture_share", "Each expert's share of the per-image "
+                                 "routing mixtures, summed over the images", lx, registry=r)
         self.steps = Counter("condmoe_train_steps", "Optimiser steps trained", lj, registry=r)
         self.samples = Counter("condmoe_train_samples", "Training samples consumed", lj, registry=r)
         self.last_step = Gauge("condmoe_train_last_step", "Last optimiser step reported", lj, registry=r)
@@ -140,6 +156,15 @@ class JobMetrics:
         self.early_exits.labels(job, name).inc(s.early_exits)
         self.imbalance.labels(job, name).set(s.imbalance)
         self.entropy.labels(job, name).set(s.entropy)
+        if s.mix_count > 0 and s.mix_sum is not None:
+            if s.diversity is not None:
+                self.diversity.labels(job, name).set(s.diversity)
+                self.mixture_entropy.labels(job, name).set(s.mixture_entropy)
+            self.mix_count.labels(job, name).inc(s.mix_count)
+            self.mix_sq.labels(job, name).inc(max(0.0, s.mix_sq))
+            self.mix_entropy.labels(job, name).inc(max(0.0, s.mix_entropy))
+            for e, value in enumerate(s.mix_sum.tolist()):
+                self.mix_share.labels(job, name, str(e)).inc(max(0.0, value))
         share = s.fraction.tolist()
         for e, value in enumerate(s.load.tolist()):
             labels = (job, name, str(e))
@@ -268,6 +293,7 @@ def parse_exposition(text: str, job: str | None = None) -> dict[str, RoutingStat
     """Rebuild run-total RoutingStats per layer from an exposition (``condmoe experts URL``)."""
     kinds: dict[str, str] = {}
     loads: dict[str, dict[int, float]] = {}
+    mixes: dict[str, dict[int, float]] = {}
     extra: dict[str, dict[str, float]] = {}
     jobs: set[str] = set()
     for family in text_string_to_metric_families(text):
@@ -281,8 +307,11 @@ def parse_exposition(text: str, job: str | None = None) -> dict[str, RoutingStat
                 kinds[lab["layer"]] = lab["kind"]
             elif s.name in ("condmoe_expert_assignments_total", "condmoe_expert_routing_weight_total"):
                 loads.setdefault(lab["layer"], {})[int(lab["expert"])] = s.value
+            elif s.name == "condmoe_expert_mixture_share_total":
+                mixes.setdefault(lab["layer"], {})[int(lab["expert"])] = s.value
             elif s.name in ("condmoe_layer_routed_samples_total", "condmoe_layer_dropped_total",
-                            "condmoe_layer_early_exits_total"):
+                            "condmoe_layer_early_exits_total", "condmoe_layer_mixture_samples_total",
+                            "condmoe_layer_mixture_square_norm_total", "condmoe_layer_mixture_entropy_nats_total"):
                 extra.setdefault(lab["layer"], {})[s.name] = s.value
     if job is None and len(jobs) > 1:
         raise ValueError(f"the exposition holds several jobs {sorted(jobs)}; name one")
@@ -290,9 +319,17 @@ def parse_exposition(text: str, job: str | None = None) -> dict[str, RoutingStat
     for layer in sorted(loads):
         per = loads[layer]
         e = extra.get(layer, {})
-        out[layer] = RoutingStats.from_load(
-            _tensor([per.get(i, 0.0) for i in range(max(per) + 1)]),
+        experts = max(per) + 1
+        stats = RoutingStats.from_load(
+            _tensor([per.get(i, 0.0) for i in range(experts)]),
             int(e.get("condmoe_layer_routed_samples_total", 0)),
             dropped=int(e.get("condmoe_layer_dropped_total", 0)),
             early_exits=int(e.get("condmoe_layer_early_exits_total", 0)), kind=kinds.get(layer, "hard"))
+        count = int(e.get("condmoe_layer_mixture_samples_total", 0))
+        if count > 0 and layer in mixes:
+            stats = RoutingStats.from_dict({
+                **stats.as_dict(), "mix_sum": [mixes[layer].get(i, 0.0) for i in range(experts)],
+                "mix_sq": e.get("condmoe_layer_mixture_square_norm_total", 0.0),
+                "mix_entropy": e.get("condmoe_layer_mixture_entropy_nats_total", 0.0), "mix_count": count})
+        out[layer] = stats
     return out

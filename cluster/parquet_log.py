@@ -37,6 +37,10 @@ ROUTING_SCHEMA = pa.schema([
     ("attempt", pa.int64()), ("layer", pa.string()), ("kind", pa.string()), ("experts", pa.int32()),
     ("load", pa.list_(pa.float64())), ("samples", pa.int64()), ("dropped", pa.int64()),
     ("early_exits", pa.int64()), ("entropy", pa.float64()), ("imbalance", pa.float64()),
+    # routing diversity (RoutingStats.from_weights; null for layers without per-image weights) and the
+    # summable parts it is derived from, so routing_totals() aggregates it exactly
+    ("diversity", pa.float64()), ("mixture_entropy", pa.float64()), ("mix_sum", pa.list_(pa.float64())),
+    ("mix_sq", pa.float64()), ("mix_entropy", pa.float64()), ("mix_count", pa.int64()),
 ])
 TRAIN_SCHEMA = pa.schema([
     ("step", pa.int64()), ("steps", pa.int64()), ("time", pa.timestamp("ms", tz="UTC")),
@@ -48,6 +52,13 @@ TRAIN_SCHEMA = pa.schema([
 
 def monitor_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "monitor"
+
+
+def _mixture_columns(s) -> dict[str, Any]:
+    """The diversity columns of one routing row (see ROUTING_SCHEMA)."""
+    return {"diversity": s.diversity, "mixture_entropy": s.mixture_entropy,
+            "mix_sum": None if s.mix_sum is None else s.mix_sum.tolist(), "mix_sq": s.mix_sq,
+            "mix_entropy": s.mix_entropy, "mix_count": s.mix_count}
 
 
 class ParquetLog:
@@ -76,7 +87,7 @@ class ParquetLog:
                                           "experts": s.num_experts, "load": s.load.tolist(),
                                           "samples": s.samples, "dropped": s.dropped,
                                           "early_exits": s.early_exits, "entropy": s.entropy,
-                                          "imbalance": s.imbalance})
+                                          "imbalance": s.imbalance, **_mixture_columns(s)})
             if len(self._train) >= self.flush_rows:
                 self.flush()
             self._train.append({**base, "step": record.step, "steps": record.steps, "loss": record.loss,

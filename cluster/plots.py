@@ -2,7 +2,8 @@
 
 Plots (matplotlib, Agg backend, no display needed): expert load share over
 time per layer (a heatmap: steps x experts), load imbalance (max/mean) and
-routing entropy (0..1) per layer, training loss, evaluation accuracy.
+routing entropy (0..1) per layer, routing diversity across images (soft
+routing: diversity.png), training loss, evaluation accuracy.
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def _per_layer_lines(rows: list[dict], key: str, ylabel: str, path: Path, ylim=N
     return _save(fig, path)
 
 
+def _diversity_plot(rows: list[dict], path: Path) -> list[Path]:
+    """Soft-routed layers only: per-image mixture diversity (solid) and mean mixture entropy (dashed)
+    over the steps; no plot when no layer records per-image weights."""
+    rows = [r for r in rows if r.get("diversity") is not None]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, (name, lrows) in enumerate(_layers(rows).items()):
+        color = f"C{i % 10}"
+        steps = [r["step"] for r in lrows]
+        ax.plot(steps, [r["diversity"] for r in lrows], color=color, label=f"{name} diversity")
+        ax.plot(steps, [r["mixture_entropy"] for r in lrows], color=color, linestyle="--", alpha=0.6,
+                label=f"{name} mixture entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("0..1")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("routing diversity across images (0: the same mixture for every image)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    return [_save(fig, path)]
+
+
 def _scalar(rows: list[dict], key: str, ylabel: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -94,6 +117,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tupl
         plot_expert_load(routing, out / "expert_load.png"),
         _per_layer_lines(routing, "imbalance", "load imbalance (max/mean)", out / "imbalance.png"),
         _per_layer_lines(routing, "entropy", "routing entropy (0..1)", out / "entropy.png", ylim=(0, 1.05)),
+        *_diversity_plot(routing, out / "diversity.png"),
         _scalar(train, "loss", "training loss", out / "loss.png"),
         _scalar(train, "eval_accuracy", "eval accuracy", out / "accuracy.png"),
     ]
@@ -112,7 +136,9 @@ def summary(run_dir: Path, train: list[dict] | None = None) -> str:
             extra = f", {e['eval_macs_per_sample'] / 1e6:.3f}M MAdds/sample" if e.get("eval_macs_per_sample") else ""
             lines.append(f"eval accuracy at step {e['step']}: {100 * e['eval_accuracy']:.2f}%{extra}")
     for name, s in routing_totals(run_dir).items():
+        mix = "" if s.diversity is None else \
+            f", diversity {s.diversity:.3f}, mixture entropy {s.mixture_entropy:.2f}"
         lines.append(f"{name} ({s.kind}, {s.num_experts} experts): imbalance {s.imbalance:.2f}, "
-                     f"entropy {s.entropy:.2f}, samples {s.samples}, dropped {s.dropped}, "
+                     f"entropy {s.entropy:.2f}{mix}, samples {s.samples}, dropped {s.dropped}, "
                      f"early exits {s.early_exits}")
     return "\n".join(lines)

@@ -115,7 +115,7 @@ class BasisCoefficients(RoutedModule):
             coeffs = coeffs / coeffs.sum(-1, keepdim=True)
         used = coeffs.detach() if exited is None else coeffs.detach()[~exited]
         n_exit = 0 if exited is None else int(exited.sum())
-        stats = RoutingStats.from_load(used.sum(0), features.shape[0], early_exits=n_exit, kind="soft")
+        stats = RoutingStats.from_weights(used, features.shape[0], early_exits=n_exit, kind="soft")
         self.record_stats(stats)
         return RoutingOutput(weights=coeffs, indices=None, stats=stats)
 

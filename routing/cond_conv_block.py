@@ -49,7 +49,7 @@ class CondConvRouter(RoutedModule):
             weights = torch.sigmoid(logits)
         else:
             weights = torch.softmax(logits / self.temperature, dim=-1)
-        stats = RoutingStats.from_load(weights.detach().sum(0), x.shape[0], kind="soft")
+        stats = RoutingStats.from_weights(weights, kind="soft")  # load + per-image mixture sums
         self.record_stats(stats)
         return RoutingOutput(weights=weights, indices=None, stats=stats)
 

@@ -92,7 +92,8 @@ class RoutingTracker:
             chunks.append(torch.tensor([loss], dtype=torch.float64))
             for name, (experts, _) in layout.items():
                 s = st.get(name)
-                chunks.append(torch.zeros(experts + 4, dtype=torch.float64) if s is None else
+                size = RoutingStats.tensor_size(experts) + 1  # the stats, then a "ran here" count
+                chunks.append(torch.zeros(size, dtype=torch.float64) if s is None else
                               torch.cat([s.to_tensor(), torch.ones(1, dtype=torch.float64)]))
         return torch.cat(chunks), layout
 
@@ -104,8 +105,9 @@ class RoutingTracker:
             at += 1
             merged: dict[str, RoutingStats] = {}
             for name, (experts, kind) in layout.items():
-                chunk = flat[at:at + experts + 4]
-                at += experts + 4
+                size = RoutingStats.tensor_size(experts) + 1
+                chunk = flat[at:at + size]
+                at += size
                 if chunk[-1] > 0:
                     merged[name] = RoutingStats.from_tensor(chunk[:-1], kind=kind)
             out.append((step, loss, merged))
