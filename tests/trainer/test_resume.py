@@ -93,7 +93,7 @@ def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path, fmnist_shards):
 def _portable_params(ckpt) -> dict:
     import torch
 
-    return {n: e["param"] for n, e in torch.load(Path(ckpt) / "portable.pt", weights_only=False)["params"].items()}
+    return {n: e["param"] for n, e in torch.load(Path(ckpt) / "portable.pt", weights_only=True)["params"].items()}
 
 
 def _same_params(a: dict, b: dict, atol: float) -> None:
