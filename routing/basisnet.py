@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model_output import ModelOutput
+from .precision import Fp32Linear
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 
 
@@ -80,7 +81,7 @@ class LightweightModel(nn.Module):
             layers += [nn.Conv2d(ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
             ch = out_ch
         self.body = nn.Sequential(*layers)
-        self.classifier = nn.Linear(ch, num_classes)
+        self.classifier = Fp32Linear(ch, num_classes)  # fp32 logits: their max-softmax decides the exit
         self.input_scale = input_scale
         self.out_features = ch
 
@@ -101,7 +102,7 @@ class BasisCoefficients(RoutedModule):
 
     def __init__(self, in_features: int, num_bases: int, temperature: float, dropout: float) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_bases)
+        self.fc = Fp32Linear(in_features, num_bases)  # coefficient logits and softmax in fp32
         self.temperature = temperature
         self.dropout = dropout
 

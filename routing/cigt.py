@@ -37,6 +37,7 @@ from torch import nn
 from .expert_parallel import run_by_index
 from .info_gain import information_gain_loss
 from .model_output import ModelOutput
+from .precision import Fp32Linear
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 
 _EXECUTION = ("gather", "dense")
@@ -124,7 +125,7 @@ class CIGTRouter(RoutedModule):
         self.fc1 = nn.Linear(in_features * pool_size * pool_size, hidden)
         self.dropout = nn.Dropout(dropout)
         self.bn = nn.BatchNorm1d(hidden) if norm else nn.Identity()
-        self.fc2 = nn.Linear(hidden, num_paths)
+        self.fc2 = Fp32Linear(hidden, num_paths)  # logits, softmax and the information gain in fp32
         self.num_paths = num_paths
 
     def forward(self, h: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,6 +47,7 @@ from torch import nn
 from .expert_parallel import ExpertParallelExperts
 from .model_output import ModelOutput
 from .norm import make_norm
+from .precision import Fp32Linear
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 
 _LGM = ("balanced", "argmin")
@@ -131,9 +132,10 @@ class Delegator(nn.Module):
                            nn.ReLU(inplace=True)]
                 ch = out_ch
             self.body = nn.Sequential(*layers)
-        self.select = nn.Linear(ch, num_experts)
-        self.rough = nn.Linear(ch, num_classes)
-        self.vcm = nn.Linear(ch, 1) if learned_vcm else None
+        # the three heads decide selection, exit and the rough prediction: fp32 logits (precision.py)
+        self.select = Fp32Linear(ch, num_experts)
+        self.rough = Fp32Linear(ch, num_classes)
+        self.vcm = Fp32Linear(ch, 1) if learned_vcm else None
 
     def forward(self, x: torch.Tensor) -> DelegatorOutput:
         f = self.features(x)
@@ -215,7 +217,7 @@ class CoE(RoutedModule):
         """Record this rank's stats (what collect_routing_stats reads; the trainer sums ranks)
         and, in ``last_group_stats``, their sum over the expert-parallel group."""
         counters = torch.cat([torch.bincount(selected, minlength=self.config.num_experts).double(),
-                              torch.tensor([samples, exits], dtype=torch.float64)])
+                              torch.tensor([samples, exits], dtype=torch.float64, device=selected.device)])
 
         def to_stats(c: torch.Tensor) -> RoutingStats:
             return RoutingStats.from_load(c[:-2], int(c[-2].item()), early_exits=int(c[-1].item()))

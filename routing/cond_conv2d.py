@@ -110,9 +110,10 @@ class CondConv2d(nn.Module):
         # fold the batch into groups: one grouped convolution computes every example
         # with its own mixed kernel. Large batches go in chunks of about chunk_bytes of
         # input: measured on CPU (benchmarks/routing.py) a cache-sized chunk runs the
-        # grouped convolution up to 1.6x faster than the whole batch at once.
+        # grouped convolution up to 1.6x faster than the whole batch at once. On a GPU one call
+        # for the whole batch (chunks would only add kernel launches).
         n = max(1, min(b, self.chunk_bytes // max(1, c * h * w * x.element_size())))
-        if n >= b:
+        if n >= b or x.device.type != "cpu":
             return self._grouped_conv(x, mixed, bias)
         return torch.cat([
             self._grouped_conv(x[s : s + n], mixed[s : s + n], None if bias is None else bias[s : s + n])

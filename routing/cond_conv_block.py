@@ -20,6 +20,7 @@ from torch import nn
 
 from .activations import make_activation
 from .cond_conv2d import CondConv2d
+from .precision import Fp32Linear
 from .routing_output import RoutedModule, RoutingOutput, RoutingStats
 from .squeeze_excite import SqueezeExcite
 
@@ -37,13 +38,13 @@ class CondConvRouter(RoutedModule):
             raise ValueError(f"router activation must be 'sigmoid' or 'softmax', got {activation!r}")
         if temperature <= 0:
             raise ValueError(f"router temperature must be > 0, got {temperature}")
-        self.fc = nn.Linear(in_channels, num_experts)
+        self.fc = Fp32Linear(in_channels, num_experts)  # logits and sigmoid/softmax in fp32 (precision.py)
         self.activation = activation
         self.temperature = temperature
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> RoutingOutput:
-        pooled = x.mean(dim=(2, 3)) if x.dim() == 4 else x
+        pooled = x.mean(dim=(2, 3), dtype=torch.float32) if x.dim() == 4 else x
         logits = self.fc(self.dropout(pooled))
         if self.activation == "sigmoid":
             weights = torch.sigmoid(logits)

@@ -224,7 +224,8 @@ def _make_class() -> type:
             send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
             order = torch.argsort(expert_index, stable=True)
             arrived = all_to_all_v(x[order], send, recv, self.ep_group)
-            local_index = torch.repeat_interleave(torch.arange(n_local).repeat(p), recv_counts.reshape(-1))
+            local_index = torch.repeat_interleave(torch.arange(n_local, device=recv_counts.device).repeat(p),
+                                                  recv_counts.reshape(-1))
             y_local = run_by_index(self.local_experts, arrived, local_index, touch_idle=touch,
                                    out_shape=self.out_shape)
             back = all_to_all_v(y_local, recv, send, self.ep_group)

@@ -45,7 +45,9 @@ def information_gain(route_probs: torch.Tensor, labels: torch.Tensor, num_classe
     route_probs: (B, N) routing probabilities p(n|x) (rows sum to 1).
     labels: (B,) int64 class labels.
     """
-    joint = joint_class_route(route_probs, labels, num_classes)
+    # at least float32, also from a bf16 model (routing/precision.py)
+    joint = joint_class_route(route_probs.to(torch.promote_types(route_probs.dtype, torch.float32)), labels,
+                              num_classes)
     p_n = joint.sum(0)
     p_c = joint.sum(1)
     return beta * _entropy(p_n) + _entropy(p_c) - _entropy(joint)

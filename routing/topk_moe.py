@@ -176,7 +176,7 @@ class TopKMoE(RoutedModule):
         weights.scatter_add_(1, routes.clamp_min(0), (gates.t() * kept).detach())
         counters = torch.cat([
             exp_counts.detach().to(torch.float64).reshape(-1),
-            torch.tensor([x.shape[0], int((~kept).sum())], dtype=torch.float64),
+            torch.tensor([x.shape[0], int((~kept).sum())], dtype=torch.float64, device=exp_counts.device),
         ])
         # recorded for collect_routing_stats: this rank's counts (the trainer sums ranks itself)
         self.record_stats(_stats(counters))
