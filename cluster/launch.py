@@ -22,11 +22,15 @@ from urllib.parse import urlparse
 from condmoe.datasets.urls import local_path
 from condmoe.trainer.checkpoint import resolve_checkpoint
 from condmoe.trainer.config import ConfigError, JobConfig, job_from_dict
+from condmoe.trainer.device import (GPU_IDS_ENV, DeviceError, accelerator_name, process_group_backend,
+                                    require_cluster_gpus, require_local_gpus)
 
 log = logging.getLogger(__name__)
 
-# env every worker needs (DeepSpeed must pick its CPU accelerator before it is imported)
-_WORKER_ENV = {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1"}
+# env every worker needs; DS_ACCELERATOR (DeepSpeed reads it at its import) follows cluster.use_gpu
+_WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+# the driver builds the model once on CPU (preflight) and never needs a GPU
+_DRIVER_ENV = {**_WORKER_ENV, "DS_ACCELERATOR": "cpu"}
 
 
 @dataclass
@@ -71,6 +75,8 @@ def check_data(cfg: JobConfig) -> None:
 def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None = None) -> str | None:
     """Validate everything a launch needs before starting anything; returns the resolved resume path."""
     cfg.check_topology(cfg.cluster.workers)
+    if cfg.cluster.use_gpu and cfg.cluster.gpu_check and not address:
+        require_local_gpus(cfg.cluster.workers)  # the embedded Ray gets this machine's GPUs
     from condmoe.trainer.engine import check_model  # builds the model: a bad option fails before Ray
 
     check_model(cfg, cfg.cluster.workers)
@@ -96,12 +102,15 @@ def train_worker(config: dict) -> None:
     if ray_ckpt is not None:
         resume = ray_ckpt.path  # after a restart; the run's own newest checkpoint still wins
     rank = ray.train.get_context().get_world_rank()
+    if cfg.cluster.use_gpu:  # this worker's GPU as Ray assigned it (trainer/device.py looks it up)
+        os.environ[GPU_IDS_ENV] = ",".join(str(i) for i in ray.get_gpu_ids())
     train(cfg, sinks=job_sinks(cfg, rank, ray_train=True), resume=resume)
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:
-    """Environment of the job's training workers: cluster.env over condmoe's defaults."""
-    return {**cfg.cluster.worker_env(), **_WORKER_ENV}
+    """Environment of the job's training workers: cluster.env over condmoe's defaults, then DeepSpeed's
+    accelerator (``cuda`` with cluster.use_gpu, else ``cpu``)."""
+    return {**cfg.cluster.worker_env(), **_WORKER_ENV, "DS_ACCELERATOR": accelerator_name(cfg.cluster.use_gpu)}
 
 
 def _init_ray(cfg: JobConfig, address: str | None) -> bool:
@@ -130,7 +139,7 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
     # inside a Ray job (condmoe submit) RAY_ADDRESS names the cluster
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     resume = preflight(cfg, resume=resume, address=address)
-    os.environ.update(_WORKER_ENV)
+    os.environ.update(_DRIVER_ENV)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,6 +147,13 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
     from condmoe.cluster.exporter_hosts import start_job_exporter
 
     started = _init_ray(cfg, address)
+    if cfg.cluster.use_gpu and cfg.cluster.gpu_check:
+        try:  # before the exporter and Ray Train start: a cluster without the GPUs fails in one line
+            require_cluster_gpus(cfg.cluster.workers, ray.cluster_resources(), address or "the embedded Ray")
+        except DeviceError:
+            if started:
+                ray.shutdown()
+            raise
     exporter = start_job_exporter(cfg)  # one Prometheus exporter per job (head node); logs its URL
     try:
         cl = cfg.cluster
@@ -147,7 +163,7 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": cfg.model_dump(mode="json"), "resume": resume},
-            torch_config=TorchConfig(backend="nccl" if cl.use_gpu else "gloo",
+            torch_config=TorchConfig(backend=process_group_backend(cl.use_gpu),
                                      timeout_s=int(cl.timeout_s)),
             scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=cl.use_gpu,
                                          resources_per_worker=resources),

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from .plan import carry_for_epoch, steps_in
@@ -34,6 +35,9 @@ class StreamingLoader:
             so class-sorted shards still give mixed batches; a worker holds their samples at once).
         mean, std: per-channel normalisation (default: the manifest's train statistics, else 0.5).
         mp_context: multiprocessing start method of the loader workers (default: torch's).
+        pin_memory: yield batches in page-locked host memory (where CUDA is available), so a GPU
+            worker copies them to the device without blocking; the loader workers' batches are
+            pinned in the DataLoader's pinning thread.
 
     Iterating yields :class:`Batch` es: ``images`` float32 (B, C, H, W), ``labels`` int64 (B,),
     ``keys``. ``len(loader)`` is the number of batches of the current epoch, the same on every
@@ -45,7 +49,8 @@ class StreamingLoader:
                  num_workers: int = 0, seed: int = 0, augment: bool = False, remainder: str = "drop",
                  shuffle: bool = True, mix_shards: int = 4, mean: list[float] | None = None,
                  std: list[float] | None = None,
-                 prefetch_factor: int = 2, mp_context: str | None = None) -> None:
+                 prefetch_factor: int = 2, mp_context: str | None = None,
+                 pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -63,6 +68,7 @@ class StreamingLoader:
         self.seed, self.augment, self.remainder, self.shuffle = seed, augment, remainder, shuffle
         self.mix_shards = mix_shards
         self.prefetch_factor, self.mp_context = prefetch_factor, mp_context
+        self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning needs CUDA
         self.shards, self.meta = resolve_shards(source, split)
         self.num_samples = sum(s.samples for s in self.shards)
         if self.num_samples < self.global_batch:
@@ -162,11 +168,11 @@ class StreamingLoader:
             return
         stream = self._snapshot()
         if self.num_workers == 0:
-            batches = iter(stream)
+            batches = iter(stream) if not self.pin_memory else (b.pin_memory() for b in stream)
         else:
             batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                       prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                                      multiprocessing_context=self.mp_context))
+                                      multiprocessing_context=self.mp_context, pin_memory=self.pin_memory))
         done = 0
         for batch in batches:
             self.position = min(self.position + self.global_batch, self.epoch_length)

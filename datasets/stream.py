@@ -17,6 +17,7 @@ number of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +56,11 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory (torch's DataLoader calls this when pinning)."""
+        return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(),
+                                   valid=None if self.valid is None else self.valid.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch with its tensors on ``device``."""

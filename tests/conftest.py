@@ -20,3 +20,13 @@ def fmnist_slice() -> dict[str, torch.Tensor]:
     images, labels, _ = load_default_images("train", limit=2560)
     x, y = _to_tensors(images, labels)
     return {"x_train": x[:2048], "y_train": y[:2048], "x_val": x[2048:], "y_val": y[2048:]}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped where torch sees no GPU, so the CPU suite stays green."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -56,6 +56,9 @@ class ModelConfig(_Section):
         1, ge=1, description="expert-parallel group size for hard-routed (deepspeed.moe) models"
     )
     options: Any = Field(None, description="the family's typed options (its options dataclass)")
+    channels_last: bool = Field(
+        False, description="channels-last (NHWC) memory format for the model's convolution weights and the "
+                           "input images: faster convolutions on tensor-core GPUs, most of all in bf16")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -188,7 +191,9 @@ class DeepSpeedConfig(_Section):
                            "nothing to shard, and ZeRO's flat fp32 copy and gradient buckets cost "
                            "memory and time); offload in `extra` always keeps the stage"
     )
-    bf16: bool = Field(False, description="bf16 mixed precision (CPU: off by default)")
+    bf16: bool = Field(
+        False, description="bf16 mixed precision: bf16 parameters, activations and inputs, fp32 master "
+                           "weights (ZeRO >= 1) and fp32 routing math (routing/precision.py); meant for GPUs")
     torch_adam: bool = Field(
         True, description="use torch's Adam instead of DeepSpeed's fused op (CPU accelerator)"
     )
@@ -244,7 +249,11 @@ class ClusterConfig(_Section):
 
     workers: int = Field(2, ge=1, description="training workers (Ray Train ScalingConfig)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    use_gpu: bool = Field(False, description="one GPU per worker, nccl backend")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl backend (trainer/device.py)")
+    gpu_check: bool = Field(
+        True, description="with use_gpu: fail before the run starts unless the machine (embedded Ray) or "
+                          "the Ray cluster holds cluster.workers GPUs; off for an autoscaling cluster that "
+                          "starts its GPU nodes on demand")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
     storage_path: str = Field("runs", description="run storage root (shared by all nodes)")
@@ -305,9 +314,10 @@ class JobConfig(_Section):
         ds = self.deepspeed
         zo = ds.extra.get("zero_optimization", {})
         offload = isinstance(zo, dict) and any(k.startswith("offload") for k in zo)
-        if world_size == 1 and not ds.zero_on_one_worker and not offload:
-            return 0
-        return ds.zero_stage
+        stage = 0 if world_size == 1 and not ds.zero_on_one_worker and not offload else ds.zero_stage
+        # bf16 keeps fp32 master weights only from ZeRO 1 on (DeepSpeed's bf16 at stage 0 has none for
+        # the portable checkpoint to read); on one worker stage 1 costs what that fp32 copy costs
+        return max(stage, 1) if ds.bf16 else stage
 
     def micro_batch(self, world_size: int) -> int:
         """Per-worker micro batch: data.batch_size / (world_size * grad_accum), exact."""
@@ -474,6 +484,9 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "fp16": {"enabled": False},
+        # bf16: DeepSpeed casts the parameters but keeps buffers fp32 unless told, and torch's batch
+        # norm needs its running statistics in its weights' dtype
+        **({"data_types": {"buffer_dtype": "bf16"}} if cfg.deepspeed.bf16 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "seed": cfg.optim.seed,

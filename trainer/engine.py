@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ConfigError, JobConfig, deepspeed_config
+from .device import activate, decide_placement
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,12 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int]:
 
     Under Ray Train or the ``deepspeed`` launcher the process group or the
     RANK/WORLD_SIZE/MASTER_* variables already exist; a bare single process
-    gets a world of one on 127.0.0.1. Backend: nccl with GPUs, gloo on CPU.
+    gets a world of one on 127.0.0.1. The device, DeepSpeed's accelerator and the backend
+    (``cpu:gloo,cuda:nccl`` with GPUs, gloo on CPU) come from trainer/device.py, set before
+    deepspeed is imported; raises DeviceError (a ConfigError) when the job's GPU is missing.
     """
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.cluster.use_gpu else "cpu")
+    placement = decide_placement(cfg)
+    activate(placement)
     import deepspeed
 
     if not dist.is_initialized():
@@ -48,8 +52,7 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int]:
                            ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    backend = "nccl" if cfg.cluster.use_gpu else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+    deepspeed.init_distributed(dist_backend=placement.backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=cfg.cluster.timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
@@ -148,9 +151,16 @@ def build_engine(cfg: JobConfig, world_size: int):
     apply_threads(cfg)
     model = build_model(cfg)
     apply_expert_parallel(model, cfg, world_size)
+    placement = decide_placement(cfg)
+    placement.model(model)  # this worker's device (and memory format) before DeepSpeed wraps it
     ds_config = deepspeed_config(cfg, world_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
+    engine, _, _, _ = deepspeed.initialize(args=placement.deepspeed_args(), model=model,
+                                           model_parameters=param_groups(model, cfg),
                                            config=ds_config)
+    engine.condmoe_placement = placement  # the loop and evaluation move batches with it
+    log.info("device %s (DeepSpeed accelerator %s, %s, inputs %s%s)", engine.device, placement.accelerator,
+             placement.backend, str(placement.dtype).removeprefix("torch."),
+             ", channels_last" if placement.channels_last else "")
     stage = engine.zero_optimization_stage()
     if world_size == 1 and stage == 0 and not cfg.deepspeed.bf16:
         # one rank: DeepSpeed would still flatten, all-reduce and copy back every gradient

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 import yaml
 
 from condmoe.datasets.urls import local_path
@@ -37,6 +38,9 @@ def evaluate_checkpoint(ckpt: str | Path, *, data_path: str | None = None, split
     if local is not None and not local.exists():
         raise FileNotFoundError(f"data.path {cfg.data.path!r} of the checkpoint's job does not exist "
                                 "(pass --data SHARD_DIR)")
+    if cfg.cluster.use_gpu and not torch.cuda.is_available():  # a GPU run's checkpoint, here without one
+        log.info("no CUDA GPU here: evaluating %s on the CPU in float32", path)
+        cfg.cluster.use_gpu, cfg.deepspeed.bf16 = False, False
     setup_distributed(cfg)
     engine = build_engine(cfg, 1)
     CheckpointManager(path.parent).load(engine, path, world_size=1, ep_size=1)

@@ -26,6 +26,7 @@ from condmoe.routing.macs import count_macs
 
 from .checkpoint import CheckpointManager, resolve_checkpoint
 from .config import JobConfig, dump_job
+from .device import placement_of
 from .engine import build_engine, setup_distributed
 from .records import CheckpointRecord, EvalRecord, JsonlSink, MetricsSink, Record, RestartRecord, StepRecord
 from .routing_tracker import RoutingTracker, check_finite
@@ -58,7 +59,8 @@ def streaming_loader(cfg: JobConfig, split: str, batch_size: int, rank: int, wor
     return StreamingLoader(cfg.data.path, split, batch_size, rank=rank, world_size=world_size,
                            num_workers=cfg.data.num_workers, seed=cfg.data.seed,
                            augment=cfg.data.augment and train,
-                           remainder="drop" if train else "pad")
+                           remainder="drop" if train else "pad",
+                           pin_memory=cfg.cluster.use_gpu)  # GPU workers: non-blocking copies
 
 
 def default_sinks(cfg: JobConfig, rank: int) -> list[MetricsSink]:
@@ -95,6 +97,7 @@ def evaluate(engine, loader: Loader, *, max_batches: int | None = None, macs_bat
     batch (``batch.valid`` False) is left out, so the whole split counts once.
     """
     module = engine.module
+    placement = placement_of(engine)  # the engine's device and input dtype
     was_training = module.training
     module.eval()
     if start_state is not None:
@@ -104,8 +107,9 @@ def evaluate(engine, loader: Loader, *, max_batches: int | None = None, macs_bat
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = batch.images, batch.labels
-            valid = batch.valid if getattr(batch, "valid", None) is not None else torch.ones_like(y, dtype=torch.bool)
+            x, y = placement.images(batch.images), placement.move(batch.labels)
+            valid = (placement.move(batch.valid) if getattr(batch, "valid", None) is not None
+                     else torch.ones_like(y, dtype=torch.bool))
             out = engine(x)
             correct += ((out.logits.argmax(-1) == y) & valid).sum().item()
             total += valid.sum().item()
@@ -195,11 +199,12 @@ def train_step(run: _Run) -> tuple[float, dict[str, RoutingStats]]:
     """One optimiser step (grad_accum micro-steps): forward, backward, step; returns this rank's
     mean loss and its routing stats (micro-steps summed). Data wait is timed here."""
     engine, loss_sum, stats = run.engine, 0.0, {}
+    placement = placement_of(engine)  # device, dtype (bf16) and memory format of the inputs
     for _ in range(run.cfg.optim.grad_accum):
         t0 = time.perf_counter()
         batch = run.batches.next()
         run.data_waits.append(time.perf_counter() - t0)
-        out = engine(batch.images, batch.labels)
+        out = engine(placement.images(batch.images), placement.move(batch.labels))
         engine.backward(out.loss)
         engine.step()
         loss_sum += float(out.loss.detach())
