@@ -19,16 +19,19 @@ from rich.console import Console
 from condmoe.datasets import MANIFEST_NAME, write_shards
 from condmoe.routing import RoutingStats
 
+from .cli import SHIPPED_PREFIX, resolve_job, training_failed, worker_log_overrides
+from .cmd_shards import DEFAULT_SAMPLES_PER_SHARD
 from .expert_view import expert_table
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JOB = f"{SHIPPED_PREFIX}condconv"  # configs/condconv.yaml, installed with the package
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="shard Fashion-MNIST, train CondConv with 2 Ray workers, show accuracy and expert use")
-    p.add_argument("--job", default=str(REPO / "configs" / "condconv.yaml"), help="job file (default configs/condconv.yaml)")
+    p.add_argument("--job", default=DEFAULT_JOB,
+                   help=f"job file, or condmoe:NAME for a shipped job (default {DEFAULT_JOB}, configs/condconv.yaml)")
     p.add_argument("--data", default="data/fashion_mnist", help="shard folder (written when missing)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     p.add_argument("--workers", type=int, default=2)
@@ -52,7 +55,7 @@ def _ensure_shards(console: Console, data: Path) -> None:
             last[0] = now
             console.print(f"  {done}/{total} samples")
 
-    write_shards("fashion_mnist", data, samples_per_shard=2000, progress=progress)
+    write_shards("fashion_mnist", data, samples_per_shard=DEFAULT_SAMPLES_PER_SHARD, progress=progress)
     console.print(f"shards: done in {time.perf_counter() - start:.0f}s")
 
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .launch import load_and_launch
 
+    job = resolve_job(args.job)  # before anything is written or started
     console = Console(width=None if Console().is_terminal else 130)
     data = Path(args.data)
     _ensure_shards(console, data)
@@ -75,13 +79,17 @@ def run(args: argparse.Namespace) -> int:
         f"cluster.storage_path={Path(args.storage).resolve()}",
         f"cluster.name={run_name}",
         *args.overrides,
+        *worker_log_overrides(args),
     ]
     console.print(f"[bold]condmoe demo[/]: {args.job} with {args.workers} workers on embedded Ray, "
                   f"{args.steps} steps (torch threads per worker from the job file)")
     start = time.perf_counter()
-    res = load_and_launch(args.job, overrides)
+    try:
+        res = load_and_launch(job, overrides)
+    except RuntimeError as exc:  # ray.train's TrainingFailedError and friends
+        return training_failed("demo", exc)
     if res.error:
-        raise RuntimeError(f"demo training failed: {res.error}")
+        return training_failed("demo", res.error)
     m = res.metrics
     console.print(f"\ntrained {m.get('step')} steps in {time.perf_counter() - start:.0f}s, final loss {m.get('loss', float('nan')):.4f}")
     console.print(f"test accuracy:  {100 * m['eval_accuracy']:.2f}% on {int(m['eval_samples'])} test images")

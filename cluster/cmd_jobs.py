@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from .cli import fail, resolve_job
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="dashboard URL, e.g. http://HOST:8265 (default: RAY_ADDRESS)")
@@ -15,7 +17,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="submit a job file to a Ray cluster")
-    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("job", help="job file (YAML), or condmoe:NAME for a job shipped with condmoe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", metavar="RUN_OR_CKPT", help="checkpoint on the cluster's filesystem")
     p.add_argument("--id", dest="submission_id", help="submission id (default: generated)")
@@ -40,85 +42,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_list)
 
 
-def _guard(command: str, fn) -> int:
-    try:
-        return fn()
-    except ConnectionError as exc:
-        print(f"condmoe {command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _submit(args: argparse.Namespace) -> int:
     from . import jobs
 
-    def run() -> int:
-        job_id = jobs.submit(args.job, address=args.address, overrides=args.overrides, token=args.token,
-                             submission_id=args.submission_id, resume=args.resume)
-        print(job_id)
-        if not args.wait:
-            return 0
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            st = jobs.status(job_id, address=args.address, token=args.token)
-            if st["status"] in jobs.TERMINAL:
-                print(f"{job_id}: {st['status']}")
-                return 0 if st["status"] == "SUCCEEDED" else 1
-            time.sleep(2.0)
-        print(f"condmoe submit: error: {job_id} still running after {args.timeout:.0f}s", file=sys.stderr)
-        return 1
-
-    return _guard("submit", run)
+    job_id = jobs.submit(resolve_job(args.job), address=args.address, overrides=args.overrides, token=args.token,
+                         submission_id=args.submission_id, resume=args.resume)
+    print(job_id)
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        st = jobs.status(job_id, address=args.address, token=args.token)
+        if st["status"] in jobs.TERMINAL:
+            print(f"{job_id}: {st['status']}")
+            return 0 if st["status"] == "SUCCEEDED" else 1
+        time.sleep(2.0)
+    return fail("submit", f"{job_id} still running after {args.timeout:.0f}s", 1)
 
 
 def _status(args: argparse.Namespace) -> int:
     from . import jobs
 
-    def run() -> int:
-        st = jobs.status(args.job_id, address=args.address, token=args.token)
-        print(json.dumps(st, default=str) if args.json else f"{st['job_id']}: {st['status']}"
-              + (f" ({st['message']})" if st.get("message") else ""))
-        return 0
-
-    return _guard("status", run)
+    st = jobs.status(args.job_id, address=args.address, token=args.token)
+    print(json.dumps(st, default=str) if args.json else f"{st['job_id']}: {st['status']}"
+          + (f" ({st['message']})" if st.get("message") else ""))
+    return 0
 
 
 def _stop(args: argparse.Namespace) -> int:
     from . import jobs
 
-    def run() -> int:
-        ok = jobs.stop(args.job_id, address=args.address, token=args.token)
-        print(f"{args.job_id}: {'stop requested' if ok else 'already finished'}")
-        return 0
-
-    return _guard("stop", run)
+    ok = jobs.stop(args.job_id, address=args.address, token=args.token)
+    print(f"{args.job_id}: {'stop requested' if ok else 'already finished'}")
+    return 0
 
 
 def _logs(args: argparse.Namespace) -> int:
     from . import jobs
 
-    def run() -> int:
-        def write(chunk: str) -> None:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
 
-        text = jobs.logs(args.job_id, address=args.address, token=args.token, follow=args.follow, write=write)
-        if not args.follow:
-            sys.stdout.write(text)
-        return 0
-
-    return _guard("logs", run)
+    text = jobs.logs(args.job_id, address=args.address, token=args.token, follow=args.follow, write=write)
+    if not args.follow:
+        sys.stdout.write(text)
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     from . import jobs
 
-    def run() -> int:
-        rows = jobs.list_jobs(address=args.address, token=args.token)
-        if args.json:
-            print(json.dumps(rows, default=str))
-            return 0
-        for r in rows:
-            print(f"{r['job_id']}  {r['status']:<9}  {r['entrypoint']}")
+    rows = jobs.list_jobs(address=args.address, token=args.token)
+    if args.json:
+        print(json.dumps(rows, default=str))
         return 0
-
-    return _guard("list", run)
+    for r in rows:
+        print(f"{r['job_id']}  {r['status']:<9}  {r['entrypoint']}")
+    return 0

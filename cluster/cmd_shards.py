@@ -11,8 +11,29 @@ from rich.table import Table
 
 from condmoe.datasets import summarize_shards, verify_shards, write_shards
 
+SOURCE_HELP = "fashion_mnist[:DIR] | digits | imagefolder:PATH | synthetic:n=N,size=S,channels=C,classes=K"
+
+# 2000 Fashion-MNIST samples (28x28 PNG + label, tar headers included) are ~4.6 MB: each split has
+# several shards (train 27, val 3, test 5), so ranks and loader workers all own whole shards, and a
+# shard is still one sequential read; 224x224 RGB images make shards of a few hundred MB, within
+# WebDataset's advice (100 MB - 1 GB) as well
+DEFAULT_SAMPLES_PER_SHARD = 2000
+
+
+def _source_and_out(args: argparse.Namespace) -> tuple[str, str]:
+    """SOURCE and OUT, given as positionals or as --source/--out."""
+    given = [a for a in (args.source, args.out) if a is not None]
+    source = args.source_flag if args.source_flag is not None else (given.pop(0) if given else None)
+    out = args.out_flag if args.out_flag is not None else (given.pop(0) if given else None)
+    if source is None or out is None or given:
+        got = " ".join(a for a in (args.source, args.out, args.source_flag, args.out_flag) if a) or "nothing"
+        raise ValueError(f"give SOURCE and OUT once each (e.g. fashion_mnist data/fashion_mnist), "
+                         f"got: {got}")
+    return source, out
+
 
 def _write(args: argparse.Namespace) -> int:
+    source, out = _source_and_out(args)
     console = Console(stderr=True)
     with Progress(TextColumn("writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=args.no_progress or not console.is_terminal) as bar:
@@ -22,7 +43,7 @@ def _write(args: argparse.Namespace) -> int:
             if done % 256 == 0 or done == total:
                 bar.update(task, completed=done, total=total)
 
-        out = write_shards(args.source, args.out, samples_per_shard=args.samples_per_shard,
+        out = write_shards(source, out, samples_per_shard=args.samples_per_shard,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                            limit=args.limit, image_size=args.image_size, channels=args.channels,
                            overwrite=args.overwrite, progress=progress)
@@ -61,11 +82,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("shards", help="write, verify and inspect WebDataset shard sets")
     sub = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
 
-    w = sub.add_parser("write", help="write a source as {split}-%%06d.tar shards + manifest.parquet")
-    w.add_argument("--source", required=True,
-                   help="fashion_mnist[:DIR] | digits | imagefolder:PATH | synthetic:n=N,size=S,channels=C,classes=K")
-    w.add_argument("--out", required=True, help="output folder (published atomically when complete)")
-    w.add_argument("--samples-per-shard", type=int, required=True)
+    w = sub.add_parser("write", help="write a source as {split}-%%06d.tar shards + manifest.parquet",
+                       usage="%(prog)s SOURCE OUT [options]",
+                       description="e.g. condmoe shards write fashion_mnist data/fashion_mnist")
+    w.add_argument("source", nargs="?", metavar="SOURCE", help=SOURCE_HELP)
+    w.add_argument("out", nargs="?", metavar="OUT", help="output folder (published atomically when complete)")
+    # the flag spelling of the two positionals (scripts written before they were positional)
+    w.add_argument("--source", dest="source_flag", metavar="SOURCE", help=argparse.SUPPRESS)
+    w.add_argument("--out", dest="out_flag", metavar="OUT", help=argparse.SUPPRESS)
+    w.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD,
+                   help=f"samples in each shard (default {DEFAULT_SAMPLES_PER_SHARD}: Fashion-MNIST's 54000 "
+                        "train samples make 27 shards of ~4.6 MB, so every rank and loader worker owns whole "
+                        "shards; 224x224 RGB images make shards of a few hundred MB)")
     w.add_argument("--val-fraction", type=float, default=0.1, help="share of the train data held out as val")
     w.add_argument("--test-fraction", type=float, default=0.2, help="test share for sources without a test split")
     w.add_argument("--seed", type=int, default=0)

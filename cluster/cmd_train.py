@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+
+from .cli import resolve_job, stdout_to_stderr, training_failed, worker_log_overrides
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a job on Ray (embedded local Ray without --address)")
-    p.add_argument("job", help="job file (YAML)")
+    p.add_argument("job", help="job file (YAML), or condmoe:NAME for a job shipped with condmoe "
+                               "(condmoe:condconv is configs/condconv.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field, e.g. --set optim.steps=200 (repeatable)")
     p.add_argument("--resume", metavar="RUN_OR_CKPT", help="checkpoint dir, checkpoint root or run dir")
     p.add_argument("--address", help="Ray cluster address (HOST:PORT or ray://HOST:10001)")
-    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the final metrics as JSON, alone on stdout (every log line goes to stderr)")
     p.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="accuracy and multiply-adds per sample of a checkpoint")
@@ -25,24 +28,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", help="shard directory (default: the checkpoint job's data.path)")
     e.add_argument("--split", help="split to evaluate (default: the job's eval_split)")
     e.add_argument("--max-batches", type=int, default=None)
-    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON, alone on stdout")
     e.set_defaults(func=_eval)
-
-
-def _fail(command: str, msg: str, code: int = 2) -> int:
-    print(f"condmoe {command}: error: {msg}", file=sys.stderr)
-    return code
 
 
 def _train(args: argparse.Namespace) -> int:
     from .launch import load_and_launch
 
+    overrides = [*args.overrides, *worker_log_overrides(args)]
     try:
-        res = load_and_launch(args.job, args.overrides, resume=args.resume, address=args.address)
-    except ConnectionError as exc:
-        return _fail("train", str(exc))
+        with stdout_to_stderr(args.json):  # Ray forwards the workers' stdout to ours
+            res = load_and_launch(resolve_job(args.job), overrides, resume=args.resume, address=args.address)
     except RuntimeError as exc:  # ray.train's TrainingFailedError and friends
-        return _fail("train", f"training failed: {str(exc).splitlines()[0] if str(exc) else exc!r}", 1)
+        return training_failed("train", exc)
+    if res.error:
+        return training_failed("train", res.error)
     m = res.metrics
     if args.json:
         print(json.dumps({"metrics": m, "checkpoint": str(res.checkpoint), "run_dir": str(res.run_dir)},
@@ -61,8 +61,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from condmoe.trainer.evaluate import evaluate_checkpoint
 
-    res = evaluate_checkpoint(args.checkpoint, data_path=args.data, split=args.split,
-                              max_batches=args.max_batches)
+    with stdout_to_stderr(args.json):
+        res = evaluate_checkpoint(args.checkpoint, data_path=args.data, split=args.split,
+                                  max_batches=args.max_batches)
     if args.json:
         print(json.dumps(res, default=str))
         return 0
