@@ -11,7 +11,8 @@ from rich.table import Table
 
 from condmoe.datasets import summarize_shards, verify_shards, write_shards
 
-SOURCE_HELP = "fashion_mnist[:DIR] | digits | imagefolder:PATH | synthetic:n=N,size=S,channels=C,classes=K"
+SOURCE_HELP = ("fashion_mnist[:DIR] | digits | imagefolder:PATH | webdataset:DIR_OR_PATTERN | "
+               "synthetic:n=N,size=S,channels=C,classes=K")
 
 # 2000 Fashion-MNIST samples (28x28 PNG + label, tar headers included) are ~4.6 MB: each split has
 # several shards (train 27, val 3, test 5), so ranks and loader workers all own whole shards, and a
@@ -46,6 +47,7 @@ def _write(args: argparse.Namespace) -> int:
         out = write_shards(source, out, samples_per_shard=args.samples_per_shard,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                            limit=args.limit, image_size=args.image_size, channels=args.channels,
+                           shorter_side=args.shorter_side, jpeg_quality=args.jpeg_quality,
                            overwrite=args.overwrite, progress=progress)
     summary, _ = summarize_shards(out)
     print(f"wrote {sum(s.samples for s in summary)} samples in {sum(s.shards for s in summary)} shards to {out}")
@@ -67,7 +69,7 @@ def _inspect(args: argparse.Namespace) -> int:
     summary, meta = summarize_shards(args.dir)
     classes = meta.get("classes", [])
     table = Table(title=f"{args.dir}  source={meta.get('source', '?')}  "
-                        f"image={meta.get('channels', '?')}x{meta.get('height', '?')}x{meta.get('width', '?')}")
+                        f"image={meta.get('channels', '?')}x{meta.get('height') or 'any'}x{meta.get('width') or 'any'}")
     for col in ("split", "shards", "samples", "MB", "min/max class", "class counts"):
         table.add_column(col, justify="left" if col in ("split", "class counts") else "right")
     for s in summary:
@@ -98,7 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--test-fraction", type=float, default=0.2, help="test share for sources without a test split")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--limit", type=int, default=None, help="at most this many samples per source split")
-    w.add_argument("--image-size", type=int, default=None, help="resize imagefolder images to SIZE x SIZE")
+    w.add_argument("--image-size", type=int, default=None,
+                   help="imagefolder: decode and resize to SIZE x SIZE (PNG); default: keep each file's bytes")
+    w.add_argument("--shorter-side", type=int, default=None,
+                   help="imagefolder/webdataset: shrink images whose shorter side exceeds this (re-encoded)")
+    w.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of images --shorter-side shrinks")
     w.add_argument("--channels", type=int, choices=(1, 3), default=None, help="imagefolder: 1 gray or 3 RGB")
     w.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .imaging import IMAGENET_MEAN, IMAGENET_STD, resolve_decoder
 from .plan import carry_for_epoch, steps_in
 from .stream import REMAINDER_MODES, STATE_VERSION, Batch, _EpochStream, resolve_shards
 
@@ -26,20 +27,30 @@ class StreamingLoader:
         rank, world_size: this rank and the number of ranks.
         num_workers: torch DataLoader worker processes (0: read in this process).
         seed: the epoch order is a function of (seed, epoch) only.
-        augment: random translations (and h-flips where the manifest allows them).
+        augment: random translations (and h-flips where the manifest allows them); with a
+            ``resolution``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + h-flip per sample.
+        resolution: decode and transform every image to ``resolution`` x ``resolution`` (the photo
+            path: any image size, original JPEG bytes; without ``augment`` resize to
+            ``round(res / 0.875)`` + centre crop). None: images as stored (all one size).
+        decoder: JPEG decoder of the photo path: ``auto`` (simplejpeg when installed), ``simplejpeg``
+            or ``pil`` (Pillow's reduced-size ``draft`` decode).
+        hflip: flip augmentation allowed (default: the manifest's ``hflip``; shards without a
+            manifest: True with a ``resolution`` (photos), else False).
         remainder: ``drop`` the samples that cannot fill a whole global batch at the end of an
             epoch, ``carry`` them to the front of the next epoch, or ``pad`` the last global
             batch (``Batch.valid`` False on the padding): every sample read once, for evaluation.
         shuffle: shuffle the shard order and the samples (off: manifest order).
         mix_shards: shards whose samples are shuffled together (a batch mixes this many shards,
             so class-sorted shards still give mixed batches; a worker holds their samples at once).
-        mean, std: per-channel normalisation (default: the manifest's train statistics, else 0.5).
+        mean, std: per-channel normalisation (default: the manifest's, which is the train statistics or,
+            for encoded photo sets, ImageNet's; shards without a manifest: ImageNet's for RGB at a
+            ``resolution``, else 0.5).
         mp_context: multiprocessing start method of the loader workers (default: torch's).
         pin_memory: yield batches in page-locked host memory (where CUDA is available), so a GPU
             worker copies them to the device without blocking; the loader workers' batches are
             pinned in the DataLoader's pinning thread.
 
-    Iterating yields :class:`Batch` es: ``images`` float32 (B, C, H, W), ``labels`` int64 (B,),
+    Iterating yields :class:`Batch` es: ``images`` float32 (B, C, H, W) (H = W = ``resolution`` when given), ``labels`` int64 (B,),
     ``keys``. ``len(loader)`` is the number of batches of the current epoch, the same on every
     rank. ``state_dict()`` after k batches, loaded into a new loader (any world size, batch size
     or workers), continues with exactly the samples not yet read.
@@ -48,8 +59,8 @@ class StreamingLoader:
     def __init__(self, source: str | Path, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, seed: int = 0, augment: bool = False, remainder: str = "drop",
                  shuffle: bool = True, mix_shards: int = 4, mean: list[float] | None = None,
-                 std: list[float] | None = None,
-                 prefetch_factor: int = 2, mp_context: str | None = None,
+                 std: list[float] | None = None, resolution: int | None = None, decoder: str = "auto",
+                 hflip: bool | None = None, prefetch_factor: int = 2, mp_context: str | None = None,
                  pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -63,6 +74,9 @@ class StreamingLoader:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if mix_shards < 1:
             raise ValueError(f"mix_shards must be >= 1, got {mix_shards}")
+        if resolution is not None and resolution < 8:
+            raise ValueError(f"resolution must be >= 8 (or None: images as stored), got {resolution}")
+        self.resolution, self.decoder = resolution, resolve_decoder(decoder)
         self.source, self.split = str(source), split
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.seed, self.augment, self.remainder, self.shuffle = seed, augment, remainder, shuffle
@@ -74,9 +88,21 @@ class StreamingLoader:
         if self.num_samples < self.global_batch:
             raise ValueError(f"split {split!r} has {self.num_samples} samples, fewer than one global batch "
                              f"({world_size} ranks x {batch_size})")
+        probed = bool(self.meta.get("probed"))  # shards without a manifest: geometry from the first image
+        if resolution is None and (self.meta.get("height") is None or self.meta.get("width") is None):
+            raise ValueError(f"{source} holds images of varying size (encoded photos): pass a resolution "
+                             "(job field data.resolution) to decode and crop them")
+        if resolution is not None and probed:
+            self.meta["channels"] = 3  # photos: gray and CMYK JPEGs of a colour set decode to RGB
         ch = int(self.meta["channels"])
-        self.mean = list(mean if mean is not None else self.meta.get("mean", [0.5] * ch))
-        self.std = list(std if std is not None else self.meta.get("std", [0.5] * ch))
+        photo_stats = resolution is not None and probed and ch == 3
+        default_mean = IMAGENET_MEAN if photo_stats else [0.5] * ch
+        default_std = IMAGENET_STD if photo_stats else [0.5] * ch
+        self.mean = list(mean if mean is not None else self.meta.get("mean", default_mean))
+        self.std = list(std if std is not None else self.meta.get("std", default_std))
+        self.hflip = bool(self.meta.get("hflip", False)) if hflip is None else hflip
+        if hflip is None and probed and resolution is not None:
+            self.hflip = True
         if len(self.mean) != ch or len(self.std) != ch or min(self.std) <= 0:
             raise ValueError(f"mean {self.mean} / std {self.std} must have {ch} entries, std > 0")
         self.epoch, self.position, self.carry = 0, 0, 0
@@ -90,6 +116,8 @@ class StreamingLoader:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images this loader yields."""
+        if self.resolution is not None:
+            return int(self.meta["channels"]), self.resolution, self.resolution
         return int(self.meta["channels"]), int(self.meta["height"]), int(self.meta["width"])
 
     @property
@@ -147,10 +175,10 @@ class StreamingLoader:
         m = self.meta
         return _EpochStream(self.shards, seed=self.seed, epoch=self.epoch, carry=self.carry, position=self.position,
                             rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-                            shuffle=self.shuffle, mix_shards=self.mix_shards, augment=self.augment, hflip=bool(m.get("hflip", False)),
-                            pad=self.remainder == "pad",
-                            channels=int(m["channels"]), height=int(m["height"]), width=int(m["width"]),
-                            mean=self.mean, std=self.std)
+                            shuffle=self.shuffle, mix_shards=self.mix_shards, augment=self.augment, hflip=self.hflip,
+                            pad=self.remainder == "pad", channels=int(m["channels"]),
+                            height=int(m["height"] or 0), width=int(m["width"] or 0),
+                            mean=self.mean, std=self.std, resolution=self.resolution, decoder=self.decoder)
 
     def _advance(self) -> None:
         leftover = self.epoch_length - self.position

@@ -240,9 +240,8 @@ def _key_of(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def decode_sample(parts: dict[str, bytes], channels: int, height: int | None = None,
-                  width: int | None = None) -> tuple[np.ndarray, int]:
-    """Decode ``{ext: bytes}`` into (image uint8 (H, W, C), label); raise :class:`BadSample`."""
+def sample_label(parts: dict[str, bytes]) -> int:
+    """The label of ``{ext: bytes}`` (its ``.cls`` member); raise :class:`BadSample`."""
     label_raw = next((parts[e] for e in LABEL_EXTS if e in parts), None)
     if label_raw is None:
         raise BadSample("missing_label", f"no label member (one of {LABEL_EXTS}); has {sorted(parts)}")
@@ -252,9 +251,22 @@ def decode_sample(parts: dict[str, bytes], channels: int, height: int | None = N
         raise BadSample("bad_label", f"label {label_raw[:20]!r} is not an integer") from None
     if label < 0:
         raise BadSample("bad_label", f"label {label} is negative")
+    return label
+
+
+def image_member(parts: dict[str, bytes]) -> str:
+    """The extension of the sample's image member (the first of IMAGE_EXTS); raise :class:`BadSample`."""
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None:
         raise BadSample("missing_image", f"no image member (one of {IMAGE_EXTS}); has {sorted(parts)}")
+    return ext
+
+
+def decode_sample(parts: dict[str, bytes], channels: int, height: int | None = None,
+                  width: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode ``{ext: bytes}`` into (image uint8 (H, W, C), label); raise :class:`BadSample`."""
+    label = sample_label(parts)
+    ext = image_member(parts)
     try:
         if ext == "npy":
             img = np.load(io.BytesIO(parts[ext]), allow_pickle=False)

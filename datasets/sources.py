@@ -8,11 +8,17 @@ A source is named by a string:
   Its train split gives train + val, its test split gives test.
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images), split three ways.
 - ``imagefolder:PATH``: one subfolder per class (torchvision ImageFolder layout); when
-  PATH holds ``train/``, ``val/`` or ``test/`` subfolders those are the splits.
+  PATH holds ``train/``, ``val/`` or ``test/`` subfolders those are the splits (ImageNet's
+  ``train/<wnid>/*.JPEG`` + ``val/<wnid>/*.JPEG``). Each image keeps its original encoded
+  bytes (:class:`Encoded`; see :mod:`condmoe.datasets.photo_sources`) unless ``image_size``
+  asks for today's fixed-size decode.
+- ``webdataset:DIR_OR_PATTERN``: existing WebDataset shards of other tools (``.jpg``/``.png``
+  + ``.cls``), bytes kept; split by shard name or by seeded fractions.
 - ``synthetic:n=N,size=S,channels=C,classes=K``: class-conditional images of any
   size and resolution, generated lazily and deterministically (scale tests).
 
-Every source yields ``(key, image uint8 (H, W) or (H, W, C), label)`` per sample.
+Every source yields ``(key, image, label)`` per sample: the image is uint8 (H, W) or
+(H, W, C), or an :class:`Encoded` image whose bytes go into the shard unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +37,19 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
-Sample = tuple[str, np.ndarray, int]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An image kept as encoded bytes: ``data`` in format ``ext`` (``jpg``, ``png``, ...), ``width`` x ``height``."""
+
+    data: bytes
+    ext: str
+    width: int
+    height: int
+
+
+Sample = tuple[str, "np.ndarray | Encoded", int]
 
 
 @dataclass
@@ -49,10 +67,11 @@ class Source:
     name: str
     classes: tuple[str, ...]
     channels: int
-    height: int
-    width: int
+    height: int | None  # None: the images keep their own sizes (encoded bytes)
+    width: int | None
     splits: dict[str, SplitSource] = field(default_factory=dict)
     hflip: bool = True
+    encoded: bool = False  # samples are Encoded (original bytes), not arrays
 
 
 def _quotas(sizes: np.ndarray, total: int) -> np.ndarray:
@@ -138,11 +157,13 @@ def _load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
         raise ValueError(f"image {path} cannot be read: {exc}") from None
 
 
-def imagefolder_source(
-    root: str | Path, *, val_fraction: float, test_fraction: float, seed: int, limit: int | None,
-    image_size: int | None, channels: int | None,
-) -> Source:
-    """ImageFolder layout: ``root/<class>/*.png`` (split here) or ``root/<split>/<class>/*``."""
+def imagefolder_files(root: str | Path, *, val_fraction: float, test_fraction: float, seed: int,
+                      limit: int | None) -> tuple[Path, list[str], dict[str, list[tuple[Path, int]]]]:
+    """(root, class names, split -> [(file, label)]) of an ImageFolder tree, train in a seeded order.
+
+    ``root/<split>/<class>/*`` gives the splits (ImageNet's train/ + val/); else ``root/<class>/*``
+    is cut by seeded, class-stratified fractions. File suffixes are matched case-insensitively.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"imagefolder {root} is not a directory")
@@ -165,6 +186,26 @@ def imagefolder_source(
         everything = files_of(root)
         cut = _split_indices(np.array([lbl for _, lbl in everything]), val_fraction, test_fraction, seed)
         lists = {s: [everything[i] for i in cut[s]] for s in SPLITS}
+    if "train" in lists:
+        fl = lists["train"]
+        lists["train"] = [fl[i] for i in np.random.default_rng([seed, 0x5A1D]).permutation(len(fl))]
+    return root, classes, lists
+
+
+def imagefolder_key(root: Path, path: Path) -> str:
+    """``img_<split>_<class>_<stem>``: the file's path below ``root``, a valid WebDataset key (no dots)."""
+    rel = path.relative_to(root).with_suffix("")
+    return "img_" + "_".join(rel.parts).replace(".", "_")
+
+
+def imagefolder_source(
+    root: str | Path, *, val_fraction: float, test_fraction: float, seed: int, limit: int | None,
+    image_size: int | None, channels: int | None,
+) -> Source:
+    """ImageFolder layout decoded to fixed-size arrays (``image_size`` resizes): ``root/<class>/*``
+    (split here) or ``root/<split>/<class>/*``."""
+    root, classes, lists = imagefolder_files(root, val_fraction=val_fraction, test_fraction=test_fraction,
+                                             seed=seed, limit=limit)
     first = next((fl[0][0] for fl in lists.values() if fl), None)
     if first is None:
         raise ValueError(f"imagefolder {root} holds no images with suffix {IMAGE_SUFFIXES}")
@@ -176,16 +217,14 @@ def imagefolder_source(
     probe = _load_image(first, channels, image_size)
     height, width = probe.shape[:2]
     src = Source(f"imagefolder:{root}", tuple(classes), channels, height, width, hflip=True)
-    for split, flist in lists.items():
-        order = flist if split != "train" else [flist[i] for i in np.random.default_rng([seed, 0x5A1D]).permutation(len(flist))]
+    for split, order in lists.items():
 
-        def iterate(order: list[tuple[Path, int]] = order, split: str = split) -> Iterator[Sample]:
+        def iterate(order: list[tuple[Path, int]] = order) -> Iterator[Sample]:
             for path, label in order:
                 img = _load_image(path, channels, image_size)
                 if img.shape[:2] != (height, width):
                     raise ValueError(f"image {path} is {img.shape[1]}x{img.shape[0]}, expected {width}x{height}; pass image_size")
-                rel = path.relative_to(root).with_suffix("")
-                yield "img_" + "_".join(rel.parts).replace(".", "_"), img, label
+                yield imagefolder_key(root, path), img, label
 
         src.splits[split] = SplitSource(len(order), iterate)
     return src
@@ -258,8 +297,14 @@ def synthetic_source(spec: str, *, val_fraction: float, test_fraction: float, se
 def open_source(
     source: str, *, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
     limit: int | None = None, image_size: int | None = None, channels: int | None = None,
+    shorter_side: int | None = None, jpeg_quality: int = 90,
 ) -> Source:
-    """Parse a source name (see the module docstring) into a :class:`Source`."""
+    """Parse a source name (see the module docstring) into a :class:`Source`.
+
+    ``image_size`` decodes imagefolder images to SIZE x SIZE arrays (PNG in the shards);
+    without it imagefolder and webdataset sources keep each image's encoded bytes, and
+    ``shorter_side`` (with ``jpeg_quality``) only shrinks those whose shorter side exceeds it.
+    """
     _check_fraction("val_fraction", val_fraction)
     _check_fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1.0:
@@ -273,11 +318,24 @@ def open_source(
         return fashion_mnist_source(arg or FASHION_MNIST_DIR, val_fraction=val_fraction, seed=seed, limit=limit)
     if kind == "digits":
         return digits_source(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
-    if kind == "imagefolder":
-        if not arg:
-            raise ValueError("imagefolder source needs a path: imagefolder:PATH")
+    if shorter_side is not None and shorter_side < 8:
+        raise ValueError(f"shorter_side must be >= 8, got {shorter_side}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    if kind in ("imagefolder", "webdataset") and not arg:
+        raise ValueError(f"{kind} source needs a path: {kind}:PATH")
+    if kind == "imagefolder" and image_size is not None:
+        if shorter_side is not None:
+            raise ValueError("pass image_size (decode to SIZE x SIZE) or shorter_side (keep encoded bytes), not both")
         return imagefolder_source(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                   limit=limit, image_size=image_size, channels=channels)
+    if kind in ("imagefolder", "webdataset"):
+        from .photo_sources import encoded_imagefolder_source, webdataset_source
+
+        make = encoded_imagefolder_source if kind == "imagefolder" else webdataset_source
+        return make(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit,
+                    channels=channels, shorter_side=shorter_side, jpeg_quality=jpeg_quality)
     if kind == "synthetic":
         return synthetic_source(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
-    raise ValueError(f"unknown source {source!r}; use fashion_mnist[:DIR], digits, imagefolder:PATH or synthetic:k=v,...")
+    raise ValueError(f"unknown source {source!r}; use fashion_mnist[:DIR], digits, imagefolder:PATH, "
+                     "webdataset:DIR_OR_PATTERN or synthetic:k=v,...")

@@ -13,6 +13,12 @@ tar, a sample without label or with an undecodable image is skipped, counted in
 ``bad_samples[reason]`` and logged with the shard's name; the batch is topped up with
 copies of good samples (keys suffixed ``#fillN``) so every rank still runs the same
 number of steps.
+
+With a ``resolution`` the reader takes the photo path (:mod:`condmoe.datasets.imaging`):
+each sample's encoded bytes are decoded and augmented on their own (RandomResizedCrop +
+flip for training, resize + centre crop for evaluation) from a generator seeded by
+(seed, epoch, position in the epoch sequence), so images of any size give (B, C, res, res)
+batches and a resumed run sees the same pixels.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .imaging import sample_rng, transform_sample
 from .manifest import MANIFEST_NAME, read_manifest
 from .plan import epoch_sequence, rank_positions, steps_in
-from .shardio import BadSample, ShardRead, decode_sample, probe_shard, read_shard, shard_name
+from .shardio import (BadSample, ShardRead, decode_sample, image_member, probe_shard, read_shard, sample_label,
+                      shard_name)
 from .urls import is_local, is_pattern, local_path
 
 log = logging.getLogger(__name__)
@@ -124,7 +132,7 @@ def resolve_shards(source: str | Path, split: str) -> tuple[list[ShardRef], dict
         shape = shape or sh
     if shape is None:
         raise ValueError(f"no decodable image in any shard of {src!r}")
-    return refs, {"height": shape[0], "width": shape[1], "channels": shape[2], "hflip": False}
+    return refs, {"height": shape[0], "width": shape[1], "channels": shape[2], "hflip": False, "probed": True}
 
 
 class _EpochStream(IterableDataset):
@@ -132,10 +140,14 @@ class _EpochStream(IterableDataset):
 
     def __init__(self, shards: list[ShardRef], *, seed: int, epoch: int, carry: int, position: int, rank: int,
                  world_size: int, batch_size: int, shuffle: bool, mix_shards: int, augment: bool, hflip: bool, pad: bool,
-                 channels: int, height: int, width: int, mean: list[float], std: list[float]) -> None:
+                 channels: int, height: int, width: int, mean: list[float], std: list[float],
+                 resolution: int | None = None, decoder: str = "pil") -> None:
         self.shards, self.seed, self.epoch, self.carry, self.position = shards, seed, epoch, carry, position
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.shuffle, self.mix_shards, self.augment, self.hflip, self.pad = shuffle, mix_shards, augment, hflip, pad
+        self.resolution, self.decoder = resolution, decoder
+        if resolution is not None:
+            height = width = resolution
         self.channels, self.height, self.width = channels, height, width
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -156,10 +168,10 @@ class _EpochStream(IterableDataset):
                 need.setdefault(int(seq_s[p]), set()).add(int(seq_i[p]))
         uses = Counter({s: len(ix) for s, ix in need.items()})
         cache: dict[int, ShardRead] = {}
-        flat = [(t, int(seq_s[p]), int(seq_i[p])) for t in my_steps for p in pos[t]]
+        flat = [(int(p), int(seq_s[p]), int(seq_i[p])) for t in my_steps for p in pos[t]]
         last_good: tuple[str, np.ndarray, int] | None = None
 
-        def get(s: int, i: int) -> tuple[tuple[str, np.ndarray, int] | None, str | None]:
+        def get(s: int, i: int, p: int) -> tuple[tuple[str, np.ndarray, int] | None, str | None]:
             if s not in cache:
                 cache[s] = read = read_shard(self.shards[s].url, need[s])
                 if read.error:
@@ -169,7 +181,7 @@ class _EpochStream(IterableDataset):
                 return None, read.error or "truncated_tar"
             key, parts = read.samples[i]
             try:
-                img, label = decode_sample(parts, self.channels, self.height, self.width)
+                img, label = self._decode(parts, p)
             except BadSample as exc:
                 log.warning("shard %s: sample %s skipped: %s: %s", self.shards[s].name, key, exc.reason, exc)
                 return None, exc.reason
@@ -179,7 +191,7 @@ class _EpochStream(IterableDataset):
             good, bad = [], Counter()
             for p in pos[t]:
                 s, i = int(seq_s[p]), int(seq_i[p])
-                item, reason = get(s, i)
+                item, reason = get(s, i, int(p))
                 uses[s] -= 1
                 if uses[s] == 0:
                     cache.pop(s, None)
@@ -190,7 +202,7 @@ class _EpochStream(IterableDataset):
             if good:
                 last_good = good[-1]
             elif last_good is None and bad:  # nothing good yet in this worker: look ahead in its own plan
-                last_good = next((it for _, s2, i2 in flat if (it := get(s2, i2)[0]) is not None), None)
+                last_good = next((it for p2, s2, i2 in flat if (it := get(s2, i2, p2)[0]) is not None), None)
                 if last_good is None:
                     raise RuntimeError(f"epoch {self.epoch} rank {self.rank} worker {wid}: no readable sample in any of its shards")
             fill = list(good) or [last_good]
@@ -202,12 +214,27 @@ class _EpochStream(IterableDataset):
             good += [(f"#pad{j}", blank, 0) for j in range(len(good), self.batch_size)]
             yield self._collate(good, t, dict(bad), n_real)
 
+    def _decode(self, parts: dict[str, bytes], position: int) -> tuple[np.ndarray, int]:
+        """(uint8 (H, W, C), label) of one sample: as stored, or (photo path) decoded + augmented at ``resolution``."""
+        if self.resolution is None:
+            return decode_sample(parts, self.channels, self.height, self.width)
+        label, ext = sample_label(parts), image_member(parts)
+        rng = sample_rng(self.seed, self.epoch, position) if self.augment else None
+        try:
+            img = transform_sample(parts[ext], ext, resolution=self.resolution, channels=self.channels,
+                                   train=self.augment, rng=rng, hflip=self.hflip, decoder=self.decoder)
+        except Exception as exc:  # PIL and simplejpeg raise many types for corrupt data
+            raise BadSample("bad_image", f"{ext} does not decode: {type(exc).__name__}: {exc}") from None
+        return img, label
+
     def _collate(self, items: list[tuple[str, np.ndarray, int]], step: int, bad: dict[str, int], n_real: int) -> Batch:
         imgs = np.stack([it[1] for it in items])  # (B, H, W, C) uint8
-        if self.augment:
+        if self.augment and self.resolution is None:  # the photo path augmented each sample already
             imgs = self._augment(imgs, step)
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        # NCHW float first, then in place: the same arithmetic (bit for bit) as ((x / 255) - mean) / std on
+        # the channels-last view, in a quarter of the time (64 x 224 x 224 x 3: 32 ms vs 116-145 ms)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        x = x.div_(255.0).sub_(self.mean).div_(self.std)
         labels = torch.tensor([it[2] for it in items], dtype=torch.int64)
         valid = torch.arange(len(items)) < n_real
         return Batch(x.contiguous(), labels, [it[0] for it in items], valid, step, bad)

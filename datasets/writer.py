@@ -2,7 +2,9 @@
 
 Each sample is two tar members stored next to each other, ``KEY.cls`` (the label as
 ASCII digits) then ``KEY.png`` (the image, grayscale or RGB), the layout plain
-``webdataset`` reads with ``.decode("pil")``. Every shard holds ``samples_per_shard``
+``webdataset`` reads with ``.decode("pil")``. Sources that keep encoded bytes (photo
+folders, other tools' shards) store the original file instead: ``KEY.jpg`` stays the
+source's JPEG byte for byte. Every shard holds ``samples_per_shard``
 samples except the last of each split, which holds the remainder (the manifest
 records each count). Members carry a fixed mtime, uid/gid 0 and mode 0444, so the
 same input gives byte-identical shards.
@@ -25,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .manifest import MANIFEST_NAME, ShardInfo, write_manifest
-from .sources import SPLITS, Source, open_source
+from .sources import SPLITS, Encoded, Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ class _Stats:
 
 
 def _write_split(src: Source, split: str, tmp: Path, samples_per_shard: int, mtime: int,
-                 stats: _Stats | None, tick: Callable[[], None]) -> list[ShardInfo]:
+                 stats: _Stats | None, tick: Callable[[], None], seen: dict[str, set]) -> list[ShardInfo]:
+    """Write one split; ``seen`` collects the encoded images' (height, width) and extensions."""
     rows: list[ShardInfo] = []
     k = len(src.classes)
     tf: tarfile.TarFile | None = None
@@ -101,11 +105,16 @@ def _write_split(src: Source, split: str, tmp: Path, samples_per_shard: int, mti
             tf = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
             counts, n_in, first = [0] * k, 0, key
         _add_member(tf, f"{key}.cls", str(label).encode(), mtime)
-        _add_member(tf, f"{key}.png", encode_png(img), mtime)
+        if isinstance(img, Encoded):
+            _add_member(tf, f"{key}.{img.ext}", img.data, mtime)
+            seen["sizes"].add((img.height, img.width))
+            seen["exts"].add(img.ext)
+        else:
+            _add_member(tf, f"{key}.png", encode_png(img), mtime)
+            if stats is not None:
+                stats.add(img)
         counts[label] += 1
         n_in += 1
-        if stats is not None:
-            stats.add(img)
         tick()
     if tf is not None:
         close(tf)
@@ -143,14 +152,16 @@ def _remove_stale_partials(out: Path) -> None:
 def write_shards(
     source: str, out_dir: str | Path, *, samples_per_shard: int, val_fraction: float = 0.1,
     test_fraction: float = 0.2, seed: int = 0, limit: int | None = None, image_size: int | None = None,
-    channels: int | None = None, overwrite: bool = False, mtime: int = FIXED_MTIME,
-    progress: Callable[[int, int], None] | None = None,
+    channels: int | None = None, shorter_side: int | None = None, jpeg_quality: int = 90,
+    overwrite: bool = False, mtime: int = FIXED_MTIME, progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``source`` (see :mod:`condmoe.datasets.sources`) as shards in ``out_dir``; return it.
 
     ``val_fraction`` of the train data becomes the val split (seeded); ``test_fraction``
     applies to sources without their own test split. ``limit`` caps each source split.
-    ``progress(done, total)`` is called after every sample.
+    Image folders and WebDataset sources keep each image's encoded bytes; ``image_size``
+    decodes them to SIZE x SIZE instead, ``shorter_side`` shrinks only the larger ones
+    (re-encoded at ``jpeg_quality``). ``progress(done, total)`` is called after every sample.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -160,7 +171,8 @@ def write_shards(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output folder {out} exists and is not empty (pass overwrite=True / --overwrite)")
     src = open_source(source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                      limit=limit, image_size=image_size, channels=channels)
+                      limit=limit, image_size=image_size, channels=channels, shorter_side=shorter_side,
+                      jpeg_quality=jpeg_quality)
     total = sum(s.n for s in src.splits.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
@@ -178,16 +190,30 @@ def write_shards(
 
     try:
         stats = _Stats(src.channels)
+        seen: dict[str, set] = {"sizes": set(), "exts": set()}
         rows: list[ShardInfo] = []
         for split in SPLITS:
             if split in src.splits and src.splits[split].n > 0:
-                rows += _write_split(src, split, tmp, samples_per_shard, mtime, stats if split == "train" else None, tick)
-        mean, std = stats.mean_std()
+                rows += _write_split(src, split, tmp, samples_per_shard, mtime, stats if split == "train" else None,
+                                     tick, seen)
+        height, width = src.height, src.width
+        if src.encoded:
+            # one size for all (a CIFAR-like folder): the fixed-size reader path works; else None.
+            # No decode at write time, so no statistics: torchvision's ImageNet mean/std
+            height, width = next(iter(seen["sizes"])) if len(seen["sizes"]) == 1 else (None, None)
+            mean = IMAGENET_MEAN if src.channels == 3 else [round(sum(IMAGENET_MEAN) / 3, 6)]
+            std = IMAGENET_STD if src.channels == 3 else [round(sum(IMAGENET_STD) / 3, 6)]
+        else:
+            mean, std = stats.mean_std()
         meta = {
             "source": src.name, "classes": list(src.classes), "channels": src.channels,
-            "height": src.height, "width": src.width, "mean": mean, "std": std, "hflip": src.hflip,
-            "samples_per_shard": samples_per_shard, "seed": seed, "image_ext": "png", "label_ext": "cls",
+            "height": height, "width": width, "mean": mean, "std": std, "hflip": src.hflip,
+            "samples_per_shard": samples_per_shard, "seed": seed, "label_ext": "cls",
+            "image_ext": ",".join(sorted(seen["exts"])) if src.encoded else "png",
+            "encoded": "original" if src.encoded else "png",
         }
+        if src.encoded and shorter_side is not None:
+            meta["shorter_side"] = shorter_side
         write_manifest(tmp / MANIFEST_NAME, rows, meta)
         _publish(tmp, out, overwrite)
     except BaseException:

@@ -159,6 +159,11 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0, description="loader worker processes per training worker")
     seed: int = Field(0, description="seed of the shard/sample order (pure function of seed, epoch)")
     augment: bool = Field(False, description="random flips/crops on training samples")
+    resolution: int | None = Field(
+        None, ge=8, description="decode every image to resolution x resolution (the photo path: "
+        "RandomResizedCrop + flip when augmenting, else resize to resolution/0.875 + centre crop; "
+        "needed for shards of original JPEGs of varying size); None: images as stored",
+    )
 
 
 class OptimConfig(_Section):

@@ -58,7 +58,7 @@ def streaming_loader(cfg: JobConfig, split: str, batch_size: int, rank: int, wor
 
     return StreamingLoader(cfg.data.path, split, batch_size, rank=rank, world_size=world_size,
                            num_workers=cfg.data.num_workers, seed=cfg.data.seed,
-                           augment=cfg.data.augment and train,
+                           augment=cfg.data.augment and train, resolution=cfg.data.resolution,
                            remainder="drop" if train else "pad",
                            pin_memory=cfg.cluster.use_gpu)  # GPU workers: non-blocking copies
 

@@ -33,3 +33,19 @@ def fmnist_dir(tmp_path_factory) -> Path:
 def digits_copy(digits_dir, tmp_path) -> Path:
     """A private copy of the digits shards that a test may damage."""
     return Path(shutil.copytree(digits_dir, tmp_path / "shards"))
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """ImageNet layout of photo-like images: train 4 x 40, val 4 x 10; sides 40-120 px, every 9th a PNG."""
+    from condmoe.datasets.photos import make_photo_folder
+
+    return make_photo_folder(tmp_path_factory.mktemp("photos") / "imagenet", classes=4, per_class=40,
+                             val_per_class=10, layout="imagenet", min_side=40, max_side=120, png_every=9, seed=3)
+
+
+@pytest.fixture(scope="session")
+def photo_shards(photo_folder, tmp_path_factory) -> Path:
+    """``photo_folder`` written with its original bytes: train 160 in 5 shards of 32, val 40 in 2."""
+    return write_shards(f"imagefolder:{photo_folder}", tmp_path_factory.mktemp("photo_shards") / "shards",
+                        samples_per_shard=32, seed=0)
