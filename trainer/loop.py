@@ -244,6 +244,7 @@ def maybe_log(run: _Run, force: bool) -> None:
         bad_samples={k: v - run.bad_sent.get(k, 0) for k, v in bad.items() if v > run.bad_sent.get(k, 0)},
         rank=run.rank)
     run.reported_step, run.step_seconds, run.data_waits, run.bad_sent = step, [], [], bad
+    run.t_report = now  # the next interval's throughput starts here
     if run.rank == 0:
         log.info("step %d: loss %.4f lr %.2e %.1f samples/s", step, record.loss, record.lr,
                  record.samples_per_s)
