@@ -57,8 +57,9 @@ class ModelConfig(_Section):
     )
     options: Any = Field(None, description="the family's typed options (its options dataclass)")
     channels_last: bool = Field(
-        False, description="channels-last (NHWC) memory format for the model's convolution weights and the "
-                           "input images: faster convolutions on tensor-core GPUs, most of all in bf16")
+        False, description="channels-last (NHWC) memory format for the input images, which the "
+                           "convolutions' activations then keep: faster convolutions on tensor-core GPUs, "
+                           "most of all in bf16 (the weights stay contiguous: DeepSpeed flattens them)")
 
     @model_validator(mode="wrap")
     @classmethod

@@ -25,7 +25,7 @@ each being copied to the GPU and back. On the CPU it is gloo alone, as before.
 The model and every batch go to the chosen device: batches from page-locked
 (pinned) host memory with non-blocking copies, images in the training dtype
 (bfloat16 with ``deepspeed.bf16``) and, with ``model.channels_last``, in the
-channels-last memory format.
+channels-last memory format, which the convolutions' activations then keep.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class Placement:
 
     device: ``cpu`` or ``cuda:N``; backend: the process group's (:func:`process_group_backend`);
     accelerator: DeepSpeed's (``cpu``/``cuda``); dtype: the input dtype (the engine's parameter
-    dtype: bfloat16 with ``deepspeed.bf16``, else float32); channels_last: the images' and
-    convolution weights' memory format.
+    dtype: bfloat16 with ``deepspeed.bf16``, else float32); channels_last: the images' memory
+    format (the convolutions' activations follow it).
     """
 
     device: torch.device
@@ -134,11 +134,13 @@ class Placement:
         return None if t is None else t.to(self.device, non_blocking=self.is_cuda)
 
     def model(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Move ``module`` to the device (in place; parameters keep their identity) and memory format."""
-        module.to(self.device)
-        if self.channels_last:
-            module.to(memory_format=torch.channels_last)
-        return module
+        """Move ``module`` to the device (in place; parameters keep their identity).
+
+        The weights keep the contiguous format even with ``channels_last``: DeepSpeed views every
+        parameter as flat bytes (its broadcast, ZeRO's flat buffers), which a channels-last weight
+        is not; a convolution's output follows its channels-last input all the same.
+        """
+        return module.to(self.device)
 
     def deepspeed_args(self):
         """``deepspeed.initialize(args=...)``: DeepSpeed would otherwise take cuda:LOCAL_RANK."""
