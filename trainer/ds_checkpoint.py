@@ -304,7 +304,8 @@ def restore_portable(engine, portable: dict) -> None:
             b.data.copy_(portable["buffers"][n])
     for s in _base_state(engine).values():
         if "step" in s:
-            s["step"] = (torch.tensor(float(portable["optim_step"]), dtype=s["step"].dtype)
+            s["step"] = (torch.tensor(float(portable["optim_step"]), dtype=s["step"].dtype,
+                                      device=s["step"].device)  # where the optimiser keeps it
                          if torch.is_tensor(s["step"]) else portable["optim_step"])
     sched = engine.lr_scheduler
     if portable["scheduler"] is not None and sched is not None:
