@@ -12,7 +12,7 @@ from rich.table import Table
 from condmoe.datasets import summarize_shards, verify_shards, write_shards
 
 SOURCE_HELP = ("fashion_mnist[:DIR] | digits | imagefolder:PATH | webdataset:DIR_OR_PATTERN | "
-               "synthetic:n=N,size=S,channels=C,classes=K")
+               "synthetic:n=N,size=S,channels=C,classes=K | photolike:n=N,classes=K (generated photo-like JPEGs)")
 
 # 2000 Fashion-MNIST samples (28x28 PNG + label, tar headers included) are ~4.6 MB: each split has
 # several shards (train 27, val 3, test 5), so ranks and loader workers all own whole shards, and a

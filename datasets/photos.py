@@ -91,3 +91,57 @@ def make_photo_folder(root: str | Path, *, classes: int = 4, per_class: int = 24
                 else:
                     img.save(folder / f"{stem}{ext}", format="JPEG", quality=quality)
     return root
+
+
+PHOTOLIKE_DEFAULTS = {"n": 1000, "classes": 10, "min_side": 160, "max_side": 320, "quality": 90}
+
+
+def photolike_source(spec: str, *, val_fraction: float, test_fraction: float, seed: int, limit: int | None):
+    """``photolike:n=1000,classes=10,min_side=160,max_side=320,quality=90``: generated photo-like JPEGs.
+
+    The source for a job on the photo path when no photo collection is at hand: what
+    :func:`make_photo_folder` would write, as a source, so nothing lands on disk but the shards.
+    Image i (class i mod ``classes``) is a function of (seed, i) alone, its shorter side drawn from
+    [min_side, max_side] and its aspect ratio from 0.6 to 1.7, JPEG at ``quality`` (chroma-subsampled,
+    as cameras save them). train/val/test are seeded class-stratified cuts (``val_fraction``,
+    ``test_fraction``); the train split is written in a seeded shuffled order. ``limit`` caps ``n``.
+    """
+    import io
+
+    from PIL import Image
+
+    from .sources import Encoded, Source, SplitSource, _parse_kv, _split_indices
+
+    opts = dict(PHOTOLIKE_DEFAULTS)
+    given = _parse_kv(spec, kind="photolike")
+    unknown = set(given) - set(opts)
+    if unknown:
+        raise ValueError(f"unknown photolike option(s) {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update(given)
+    n, k, lo, hi, quality = (opts[x] for x in ("n", "classes", "min_side", "max_side", "quality"))
+    if n < 1 or k < 2 or not 8 <= lo <= hi or not 1 <= quality <= 100:
+        raise ValueError(f"photolike options out of range: {opts} (n >= 1, classes >= 2, "
+                         "8 <= min_side <= max_side, quality 1-100)")
+    if limit is not None:
+        n = min(n, limit)
+    labels = np.arange(n) % k
+    cut = _split_indices(labels, val_fraction, test_fraction, seed)
+    cut["train"] = cut["train"][np.random.default_rng([seed, 0x5A1D]).permutation(len(cut["train"]))]
+    name = f"photolike:n={n},classes={k},min_side={lo},max_side={hi},quality={quality}"
+    src = Source(name, tuple(f"class{c}" for c in range(k)), 3, None, None, hflip=True, encoded=True)
+
+    def image(i: int) -> Encoded:
+        rng = np.random.default_rng([seed, 0xF071, i])
+        w, h = _sizes(rng, lo, hi)
+        buf = io.BytesIO()
+        Image.fromarray(photo_like(rng, w, h, int(labels[i]), k)).save(buf, format="JPEG", quality=quality)
+        return Encoded(buf.getvalue(), "jpg", w, h)
+
+    for split, idx in cut.items():
+
+        def iterate(idx: np.ndarray = idx):
+            for i in idx:
+                yield f"photo_{int(i):09d}", image(int(i)), int(labels[i])
+
+        src.splits[split] = SplitSource(len(idx), iterate)
+    return src

@@ -16,6 +16,9 @@ A source is named by a string:
   + ``.cls``), bytes kept; split by shard name or by seeded fractions.
 - ``synthetic:n=N,size=S,channels=C,classes=K``: class-conditional images of any
   size and resolution, generated lazily and deterministically (scale tests).
+- ``photolike:n=N,classes=K,min_side=A,max_side=B,quality=Q``: generated photo-like JPEGs of
+  varying size and aspect ratio, stored as encoded bytes like a photo folder's
+  (:func:`condmoe.datasets.photos.photolike_source`): the photo path with no photos at hand.
 
 Every source yields ``(key, image, label)`` per sample: the image is uint8 (H, W) or
 (H, W, C), or an :class:`Encoded` image whose bytes go into the shard unchanged.
@@ -230,16 +233,16 @@ def imagefolder_source(
     return src
 
 
-def _parse_kv(spec: str) -> dict[str, int]:
+def _parse_kv(spec: str, kind: str = "synthetic") -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, spec.split(",")):
         k, sep, v = part.partition("=")
         if not sep:
-            raise ValueError(f"synthetic option {part!r} is not key=value")
+            raise ValueError(f"{kind} option {part!r} is not key=value")
         try:
             out[k.strip()] = int(v)
         except ValueError:
-            raise ValueError(f"synthetic option {k}={v!r} is not an integer") from None
+            raise ValueError(f"{kind} option {k}={v!r} is not an integer") from None
     return out
 
 
@@ -337,5 +340,9 @@ def open_source(
                     channels=channels, shorter_side=shorter_side, jpeg_quality=jpeg_quality)
     if kind == "synthetic":
         return synthetic_source(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
+    if kind == "photolike":
+        from .photos import photolike_source
+
+        return photolike_source(arg, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit)
     raise ValueError(f"unknown source {source!r}; use fashion_mnist[:DIR], digits, imagefolder:PATH, "
-                     "webdataset:DIR_OR_PATTERN or synthetic:k=v,...")
+                     "webdataset:DIR_OR_PATTERN, synthetic:k=v,... or photolike:k=v,...")
