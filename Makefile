@@ -7,8 +7,9 @@ STAMP := $(VENV)/.condmoe-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 APT_PACKAGES := dataset-fashion-mnist prometheus
 PYTEST_ARGS ?=
+RESULTS_ARGS ?=
 
-.PHONY: setup system-deps demo test bench clean
+.PHONY: setup system-deps demo test bench results clean
 
 setup: $(STAMP) system-deps
 
@@ -44,6 +45,12 @@ bench: setup
 	$(PY) benchmarks/hard_routing.py
 	$(PY) benchmarks/metrics.py
 	$(PY) benchmarks/train.py
+
+# The seed papers' claims on Fashion-MNIST (docs/results.md): five comparisons as condmoe sweeps,
+# 3 seeds each, under an hour on 2 idle cores. Not part of `make test`. A smoke run of the pipeline:
+#   make results RESULTS_ARGS=--smoke
+results: setup
+	$(PY) benchmarks/results.py $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

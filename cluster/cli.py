@@ -26,6 +26,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "condmoe.cluster.cmd_train",
     "condmoe.cluster.cmd_jobs",
     "condmoe.cluster.cmd_monitor",
+    "condmoe.cluster.cmd_sweep",
 )
 
 # `condmoe train condmoe:coe`: a job file of configs/, installed with the package as condmoe.configs

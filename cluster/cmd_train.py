@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", help="shard directory (default: the checkpoint job's data.path)")
     e.add_argument("--split", help="split to evaluate (default: the job's eval_split)")
     e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--exit-thresholds", metavar="T1,T2,...", default=None,
+                   help="early-exit families (BasisNet, CoE): accuracy vs average MAdds at each threshold, "
+                        "from one pass over the split (condmoe.trainer.exit_curve)")
+    e.add_argument("--out", default=None, help="with --exit-thresholds: write OUT.json and OUT.parquet "
+                                               "(default <run dir>/exit_curve)")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON, alone on stdout")
     e.set_defaults(func=_eval)
 
@@ -61,6 +66,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from condmoe.trainer.evaluate import evaluate_checkpoint
 
+    if args.exit_thresholds is not None:
+        from .cmd_sweep import run_exit_curve
+
+        return run_exit_curve(args)
     with stdout_to_stderr(args.json):
         res = evaluate_checkpoint(args.checkpoint, data_path=args.data, split=args.split,
                                   max_batches=args.max_batches)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import tempfile
 import time
 from collections.abc import Callable
@@ -79,18 +80,23 @@ def client(address: str | None, token: str | None = None):
 
 def submit(job_path: str, *, address: str | None, overrides: list[str] | None = None,
            token: str | None = None, submission_id: str | None = None,
-           resume: str | None = None, agent_wait_s: float = 60.0) -> str:
+           resume: str | None = None, agent_wait_s: float = 60.0, command: str = "train",
+           args: list[str] | None = None) -> str:
     """Validate and submit ``job_path``; returns the submission id.
 
+    The entrypoint is ``condmoe COMMAND job.yaml ARGS...`` (``condmoe train job.yaml`` by default;
+    ``condmoe sweep ... --submit`` sends ``command="sweep"`` and the sweep's own arguments).
     Waits up to ``agent_wait_s`` for the cluster's job agent (a fresh head node).
     """
     cfg = load_job(job_path, overrides)
     c = client(address, token)
     workdir = Path(tempfile.mkdtemp(prefix="condmoe-submit-"))
     (workdir / "job.yaml").write_text(dump_job(cfg))
-    entry = "condmoe train job.yaml"
+    entry = f"condmoe {command} job.yaml"
     if resume:
         entry += f" --resume {resume}"
+    if args:
+        entry += " " + shlex.join(args)
     # env vars for the workers come from the driver's ray.init (a job-level copy would conflict)
     runtime_env: dict[str, Any] = {"working_dir": str(workdir)}
     deadline = time.monotonic() + agent_wait_s

@@ -12,7 +12,7 @@ from .registry import ModelFamily, build_model, list_models, model_families, mod
 _MODEL_MODULES: tuple[str, ...] = (
     "condconv_cnn", "basisnet_cnn", "coe_cnn", "cigt_lenet", "topk_moe_cnn",
     "condconv_efficientnet", "condconv_mobilenet_v1", "condconv_mobilenet_v2", "basisnet_mobilenet_v3",
-    "coe_mobilenet", "cigt_resnet",
+    "coe_mobilenet", "cigt_resnet", "baselines",
 )
 
 for _name in _MODEL_MODULES:
