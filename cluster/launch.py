@@ -7,6 +7,14 @@ condmoe.trainer.loop.train with the job's sinks (condmoe.cluster.sinks: jsonl,
 Parquet, Prometheus, and Ray Train's report, which receives each checkpoint
 the loop wrote, already inside the run directory, so nothing is copied). After a worker failure Ray restarts the group and the
 workers resume from the newest complete checkpoint.
+
+With ``cluster.storage_path: s3://bucket/prefix`` Ray Train keeps its run state
+there (RunConfig(storage_filesystem=) gets condmoe's pyarrow S3 filesystem), the
+workers upload each checkpoint themselves and commit it with meta.json
+(trainer/storage.py), and Ray Train is told of it without a copy; logs stay in
+a local folder per node (storage.local_dir) and are copied to ``<run>/logs/``.
+The preflight writes a probe object there first, so a bad bucket, endpoint or
+credentials fail in one line before Ray starts.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from condmoe.datasets.urls import local_path
+from condmoe.datasets.urls import filesystem, is_pattern, is_s3, local_path
 from condmoe.trainer.checkpoint import resolve_checkpoint
+from condmoe.trainer.storage import StorageError, check_writable
 from condmoe.trainer.config import ConfigError, JobConfig, job_from_dict
 from condmoe.trainer.device import (GPU_IDS_ENV, DeviceError, accelerator_name, process_group_backend,
                                     require_cluster_gpus, require_local_gpus)
@@ -60,8 +69,19 @@ def check_address(address: str, timeout: float = 3.0) -> None:
 
 
 def check_data(cfg: JobConfig) -> None:
-    """Raise FileNotFoundError when the job's local shard directory is missing."""
+    """Raise FileNotFoundError when the job's shard directory (local or s3://) is missing or incomplete."""
     path = cfg.data.path
+    if is_s3(path) and not is_pattern(path) and not path.endswith(".tar"):  # a shard set on S3: its manifest
+        from condmoe.datasets import read_manifest
+
+        try:
+            read_manifest(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.path {path!r} holds no manifest.parquet (no complete shard set; "
+                                    f"write one: condmoe shards write fashion_mnist {path})") from None
+        except OSError as exc:
+            raise StorageError(f"data.path {path!r}: {' '.join(str(exc).split())[:300]}") from None
+        return
     p = local_path(path)  # None for pipe:, scheme:// URLs and shard patterns: the workers open those
     if p is None:
         return
@@ -72,8 +92,18 @@ def check_data(cfg: JobConfig) -> None:
         raise FileNotFoundError(f"data.path {path!r} holds no manifest.parquet (not a shard directory)")
 
 
+def check_storage(cfg: JobConfig) -> None:
+    """An s3:// run or checkpoint root must take a write: a one-line StorageError naming the URL
+    (unknown bucket, no or wrong credentials, unreachable endpoint) before anything starts."""
+    for url in dict.fromkeys(u for u in (cfg.run_url, str(cfg.checkpoint_dir)) if is_s3(u)):
+        check_writable(url)
+
+
 def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None = None) -> str | None:
     """Validate everything a launch needs before starting anything; returns the resolved resume path."""
+    # the job's storage: section (endpoint, region, profile) for this process's own S3 calls: these
+    # checks and Ray Train's storage; the workers get it through worker_env
+    os.environ.update(cfg.storage.env())
     cfg.check_topology(cfg.cluster.workers)
     if cfg.cluster.use_gpu and cfg.cluster.gpu_check and not address:
         require_local_gpus(cfg.cluster.workers)  # the embedded Ray gets this machine's GPUs
@@ -81,6 +111,7 @@ def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None 
 
     check_model(cfg, cfg.cluster.workers)
     check_data(cfg)
+    check_storage(cfg)
     if address:
         check_address(address)
     resolved = str(resolve_checkpoint(resume)) if resume else None
@@ -99,8 +130,8 @@ def train_worker(config: dict) -> None:
     cfg = job_from_dict(config["job"], source="<job>")
     ray_ckpt = ray.train.get_checkpoint()
     resume = config.get("resume")
-    if ray_ckpt is not None:
-        resume = ray_ckpt.path  # after a restart; the run's own newest checkpoint still wins
+    if ray_ckpt is not None:  # after a restart; the run's own newest checkpoint still wins
+        resume = ray_ckpt.path if ray_ckpt.filesystem.type_name == "local" else f"s3://{ray_ckpt.path}"
     rank = ray.train.get_context().get_world_rank()
     if cfg.cluster.use_gpu:  # this worker's GPU as Ray assigned it (trainer/device.py looks it up)
         os.environ[GPU_IDS_ENV] = ",".join(str(i) for i in ray.get_gpu_ids())
@@ -110,7 +141,8 @@ def train_worker(config: dict) -> None:
 def worker_env(cfg: JobConfig) -> dict[str, str]:
     """Environment of the job's training workers: cluster.env over condmoe's defaults, then DeepSpeed's
     accelerator (``cuda`` with cluster.use_gpu, else ``cpu``)."""
-    return {**cfg.cluster.worker_env(), **_WORKER_ENV, "DS_ACCELERATOR": accelerator_name(cfg.cluster.use_gpu)}
+    return {**cfg.cluster.worker_env(), **cfg.storage.env(), **_WORKER_ENV,
+            "DS_ACCELERATOR": accelerator_name(cfg.cluster.use_gpu)}
 
 
 def _init_ray(cfg: JobConfig, address: str | None) -> bool:
@@ -167,12 +199,12 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
                                      timeout_s=int(cl.timeout_s)),
             scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=cl.use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=cfg.run_name, storage_path=cl.storage_path,
+            run_config=RunConfig(name=cfg.run_name, **_ray_storage(cfg),
                                  failure_config=FailureConfig(max_failures=cl.max_failures),
                                  worker_runtime_env={"env_vars": worker_env(cfg)}),
         )
         result = trainer.fit()
-        ckpt = Path(result.checkpoint.path) if result.checkpoint is not None else None
+        ckpt = _checkpoint_location(result.checkpoint)
         err = repr(result.error) if getattr(result, "error", None) else None
         return LaunchResult(metrics=dict(result.metrics or {}), checkpoint=ckpt,
                             run_dir=cfg.run_dir, error=err, exporter_url=exporter.url)
@@ -180,6 +212,23 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
         exporter.stop()
         if started:
             ray.shutdown()
+
+
+def _ray_storage(cfg: JobConfig) -> dict:
+    """RunConfig's storage: the local path, or for s3:// the bucket/prefix on condmoe's S3 filesystem (the
+    job's endpoint and region, no credentials inside), so Ray Train's run state and the checkpoints it is
+    told of (cluster/sinks.py) share one filesystem."""
+    if not cfg.remote_storage:
+        return {"storage_path": cfg.cluster.storage_path}
+    fs, path = filesystem(cfg.cluster.storage_path)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _checkpoint_location(ckpt) -> Path | str | None:
+    """A ray.train.Checkpoint as condmoe names it: a local Path or an s3:// URL."""
+    if ckpt is None:
+        return None
+    return Path(ckpt.path) if ckpt.filesystem.type_name == "local" else f"s3://{ckpt.path}"
 
 
 def load_and_launch(path: str, overrides: list[str] | None = None, *, resume: str | None = None,

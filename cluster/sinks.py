@@ -14,7 +14,10 @@ launcher gets:
   one pickle into the exporter's process.
 - :class:`RayTrainSink` (every rank, under Ray Train): hands each checkpoint
   (already inside the run directory, nothing is copied) and the latest scalars
-  to ``ray.train.report``, which every rank calls equally often.
+  to ``ray.train.report``, which every rank calls equally often. On S3 the
+  checkpoint is named on Ray Train's own storage filesystem.
+- :class:`LogUploadSink` (every rank, with an s3:// storage_path): copies the
+  local logs to ``<run>/logs/`` on S3 at each checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 from condmoe.routing import accumulate_stats
 from condmoe.trainer.config import JobConfig
+from condmoe.trainer.storage import is_remote
 from condmoe.trainer.loop import default_sinks
 from condmoe.trainer.records import CheckpointRecord, EvalRecord, MetricsSink, Record, RestartRecord, StepRecord
 
@@ -124,13 +128,66 @@ class RayTrainSink:
 
             self._scalars.update(step=record.step, checkpoint_step=record.step)
             ckpt = None
-            if record.path is not None and Path(record.path).is_relative_to(self.run_dir):
+            if record.path is not None and is_remote(record.path):
+                ckpt = _stored_checkpoint(str(record.path))
+            elif record.path is not None and Path(record.path).is_relative_to(self.run_dir):
                 ckpt = Checkpoint(str(record.path))
             ray.train.report(dict(self._scalars), checkpoint=ckpt,
                              checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
     def close(self) -> None:
         pass
+
+
+def _stored_checkpoint(url: str):
+    """A checkpoint already on Ray Train's storage (s3://, committed by trainer/checkpoint.py) as a
+    ray.train.Checkpoint on the run's own storage filesystem, so Ray Train manages it as uploaded
+    (NO_UPLOAD); None when it lies outside the run's storage (e.g. checkpoint.dir elsewhere)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context().get_storage()
+    path = url.split("://", 1)[1]
+    if not path.startswith(ctx.experiment_fs_path.rstrip("/") + "/"):
+        return None
+    return Checkpoint(path, filesystem=ctx.storage_filesystem)
+
+
+class LogUploadSink:
+    """With an ``s3://`` storage_path: the run's local logs go to ``<storage_path>/<run>/logs/`` at
+    every checkpoint and at the end (rank 0: metrics.jsonl and monitor/; each rank: its keys file),
+    each file only when it changed. A failed upload is logged, never raised: logs never stop training."""
+
+    def __init__(self, cfg: JobConfig, rank: int) -> None:
+        self.local, self.url, self.rank = cfg.run_dir, f"{cfg.run_url}/logs", rank
+        self._sent: dict[Path, tuple[int, int]] = {}
+
+    def _files(self) -> list[Path]:
+        files = [self.local / "keys" / f"rank{self.rank}.jsonl"]
+        if self.rank == 0:
+            files += [self.local / "metrics.jsonl", *sorted((self.local / "monitor").rglob("*.parquet"))]
+        return [f for f in files if f.is_file()]
+
+    def sync(self) -> None:
+        from condmoe.trainer import storage
+
+        for f in self._files():
+            st = f.stat()
+            if self._sent.get(f) == (st.st_size, st.st_mtime_ns):
+                continue
+            try:
+                storage.write_bytes(f"{self.url}/{f.relative_to(self.local).as_posix()}", f.read_bytes())
+            except OSError as exc:
+                log.warning("rank %d: log upload stopped: %s", self.rank, exc)
+                return
+            self._sent[f] = (st.st_size, st.st_mtime_ns)
+
+    def write(self, record: Record) -> None:
+        if isinstance(record, CheckpointRecord):
+            self.sync()
+
+    def close(self) -> None:
+        self.sync()
 
 
 def _local_prometheus(cfg: JobConfig, rank: int, exporter: ExporterProcess | None = None) -> PrometheusSink | None:
@@ -192,5 +249,7 @@ def job_sinks(cfg: JobConfig, rank: int, *, ray_train: bool,
         sinks.append(prom)
     if ray_train:
         sinks.append(RayTrainSink(cfg))
+    if cfg.remote_storage:  # after the log writers: their lines of a record are on disk when it syncs
+        sinks.append(LogUploadSink(cfg, rank))
     return sinks
 

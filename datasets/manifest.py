@@ -9,6 +9,7 @@ that is renamed into place.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .urls import is_local, local_path
+from .urls import filesystem, is_local, is_s3, local_path
 
 MANIFEST_NAME = "manifest.parquet"
 FORMAT_VERSION = 1
@@ -76,16 +77,11 @@ def write_manifest(path: str | Path, shards: list[ShardInfo], meta: dict) -> Non
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Read a manifest from a shard folder, the .parquet file itself, or a folder URL (fsspec)."""
+    """Read a manifest from a shard folder, the .parquet file itself, or a folder URL (s3://, fsspec's)."""
     if isinstance(path, str) and not is_local(path):
-        import io
-
-        import fsspec
-
         url = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{MANIFEST_NAME}"
         try:
-            with fsspec.open(url, "rb") as f:
-                table = pq.read_table(io.BytesIO(f.read()))
+            table = pq.read_table(io.BytesIO(_read_url(url)))
         except FileNotFoundError:
             raise FileNotFoundError(f"no {MANIFEST_NAME} at {url} (not a complete shard set)") from None
         return _from_table(table, url)
@@ -95,6 +91,23 @@ def read_manifest(path: str | Path) -> Manifest:
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST_NAME} at {path} (not a complete shard set)")
     return _from_table(pq.read_table(str(path)), str(path))
+
+
+def _read_url(url: str) -> bytes:
+    """The bytes of one object: s3:// with pyarrow's S3 filesystem, other schemes with fsspec."""
+    if is_s3(url):
+        fs, path = filesystem(url)
+        try:
+            with fs.open_input_file(path) as f:
+                return f.read()
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or "NoSuchKey" in str(exc) or "not found" in str(exc).lower():
+                raise FileNotFoundError(url) from None
+            raise OSError(f"{url}: {' '.join(str(exc).split())[:300]}") from None
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        return f.read()
 
 
 def _from_table(table: pa.Table, path: str) -> Manifest:

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .urls import is_local
+from .urls import S3_READ_BUFFER, filesystem, is_local
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class BadSample(Exception):
 
 def open_url(url: str) -> BinaryIO:
     """Open a shard for reading: local paths with ``open``; ``pipe:``, http(s), gs, hf, ... with
-    webdataset's gopen; any other scheme (s3, gcs, az, memory, ...) with fsspec."""
+    webdataset's gopen; s3 with pyarrow; any other scheme (gcs, az, memory, ...) with fsspec."""
     scheme = urlparse(url).scheme
     if scheme == "file":
         return open(urlparse(url).path, "rb")
@@ -54,6 +54,9 @@ def open_url(url: str) -> BinaryIO:
 
     if scheme in gopen_schemes:
         return gopen(url, "rb")
+    if scheme == "s3":  # pyarrow's S3 (endpoint and region from the AWS variables; see urls.py)
+        fs, path = filesystem(url)
+        return fs.open_input_stream(path, buffer_size=S3_READ_BUFFER)
     import fsspec
 
     return fsspec.open(url, "rb").open()

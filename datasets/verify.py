@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .manifest import read_manifest
 from .shardio import IMAGE_EXTS, LABEL_EXTS, read_shard
+from .urls import is_local
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,10 @@ class SplitSummary:
 
 def summarize_shards(folder: str | Path) -> tuple[list[SplitSummary], dict]:
     """Per-split summary of a shard set from its manifest, plus the manifest metadata."""
-    man = read_manifest(Path(folder) if Path(folder).is_dir() else Path(folder).parent)
+    if isinstance(folder, str) and not is_local(folder):  # a URL (s3://...): its manifest
+        man = read_manifest(folder)
+    else:
+        man = read_manifest(Path(folder) if Path(folder).is_dir() else Path(folder).parent)
     out = []
     for split in man.splits:
         rows = man.split(split)

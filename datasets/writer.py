@@ -12,6 +12,12 @@ same input gives byte-identical shards.
 Publishing is atomic: shards and manifest go to a hidden ``.NAME.partial-PID``
 folder beside ``out_dir`` that is renamed to ``out_dir`` only when complete, so a
 killed writer never leaves something that looks like a complete set.
+
+``out_dir`` may be an ``s3://bucket/prefix`` URL (object stores have no rename): the set
+is written to a local temp folder first, then an existing set there loses its manifest
+(so it is no longer complete), its objects are deleted, the shards are uploaded and the
+manifest goes LAST. A reader never takes a half-uploaded set for a complete one: without
+a manifest there is no set (:func:`condmoe.datasets.read_manifest`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +37,7 @@ import numpy as np
 from .imaging import IMAGENET_MEAN, IMAGENET_STD
 from .manifest import MANIFEST_NAME, ShardInfo, write_manifest
 from .sources import SPLITS, Encoded, Source, open_source
+from .urls import filesystem, is_s3
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +143,41 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.rename(tmp, out)
 
 
+def _remote_files(url: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    return [i.path for i in infos if i.type == pafs.FileType.File]
+
+
+def _check_remote_empty(url: str, overwrite: bool) -> None:
+    if _remote_files(url) and not overwrite:
+        raise ValueError(f"output {url} is not empty (pass overwrite=True / --overwrite)")
+
+
+def _publish_remote(local: Path, url: str, overwrite: bool) -> None:
+    """Upload a finished local set to ``url``: an old set there is unmade first (manifest, then the
+    rest), the new manifest is written last."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(url)
+    _check_remote_empty(url, overwrite)
+    manifest = f"{path}/{MANIFEST_NAME}"
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        fs.delete_file(manifest)  # the old set is no longer complete before any of its shards changes
+    for stale in _remote_files(url):
+        fs.delete_file(stale)
+    body = local / MANIFEST_NAME
+    aside = local.parent / f"{MANIFEST_NAME}.last"
+    os.rename(body, aside)  # upload everything but the manifest (several objects at once) ...
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    chunk_size=16 << 20, use_threads=True)
+    with fs.open_output_stream(manifest) as f:  # ... then the manifest: the set is complete
+        f.write(aside.read_bytes())
+    log.info("uploaded %s to %s", local, url)
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Delete ``.NAME.partial-PID`` folders left by writers that were killed (their PID is gone)."""
     for stale in out.parent.glob(f".{out.name}.partial-*"):
@@ -154,8 +197,9 @@ def write_shards(
     test_fraction: float = 0.2, seed: int = 0, limit: int | None = None, image_size: int | None = None,
     channels: int | None = None, shorter_side: int | None = None, jpeg_quality: int = 90,
     overwrite: bool = False, mtime: int = FIXED_MTIME, progress: Callable[[int, int], None] | None = None,
-) -> Path:
-    """Write ``source`` (see :mod:`condmoe.datasets.sources`) as shards in ``out_dir``; return it.
+) -> Path | str:
+    """Write ``source`` (see :mod:`condmoe.datasets.sources`) as shards in ``out_dir`` (a folder or an
+    ``s3://`` URL); return it.
 
     ``val_fraction`` of the train data becomes the val split (seeded); ``test_fraction``
     applies to sources without their own test split. ``limit`` caps each source split.
@@ -165,6 +209,23 @@ def write_shards(
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if is_s3(str(out_dir)):
+        url = str(out_dir).rstrip("/")
+        staging = Path(tempfile.mkdtemp(prefix="condmoe-shards-"))
+        try:
+            _check_remote_empty(url, overwrite)  # before the (long) writing
+            local = write_shards(source, staging / "set", samples_per_shard=samples_per_shard,
+                                 val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, limit=limit,
+                                 image_size=image_size, channels=channels, shorter_side=shorter_side,
+                                 jpeg_quality=jpeg_quality, mtime=mtime, progress=progress)
+            _publish_remote(Path(local), url, overwrite)
+        except (FileNotFoundError, ConnectionError):  # a missing source; one line already
+            raise
+        except OSError as exc:  # pyarrow's S3 errors are paragraphs: one line naming the URL
+            raise ConnectionError(f"{url}: {' '.join(str(exc).split())[:300]}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return url
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_job(args.job, args.overrides)
+        os.environ.update(cfg.storage.env())  # the job's S3 endpoint / region / profile (no credentials)
         res = train(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"condmoe.trainer: error: {exc}", file=sys.stderr)

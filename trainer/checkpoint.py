@@ -14,6 +14,11 @@ is never chosen. The last ``keep_last`` are kept; an old one is renamed away
 before it is deleted, so a crash while pruning leaves no half-deleted
 ``step-N``. This module knows nothing of DeepSpeed: ``CheckpointManager``
 hands the directory to ``save_state``/``load_state`` of the adapter.
+
+The root may also be an ``s3://bucket/prefix`` URL: object stores have no rename, so
+each rank stages its files locally and uploads them, and rank 0 writes meta.json,
+the commit marker, last, after every rank's upload (trainer/storage.py). Checkpoints
+there are named by URL strings, local ones by Paths; the functions below take both.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from . import storage
 from .ds_checkpoint import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,22 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (renamed and holding meta.json), oldest first."""
+def _step_of(ckpt: str | Path) -> int:
+    return int(_STEP_DIR.match(Path(str(ckpt)).name).group(1))
+
+
+def _list_remote(root: str) -> list[str]:
+    """Complete checkpoints under an object-store root: step-N prefixes whose meta.json exists."""
+    urls = [storage.join(root, n) for n in storage.list_names(root) if _STEP_DIR.match(n)]
+    committed = storage.existing([storage.join(u, "meta.json") for u in urls])
+    return sorted((u for u, ok in zip(urls, committed) if ok), key=_step_of)
+
+
+def list_checkpoints(root: str | Path) -> list[Path] | list[str]:
+    """Complete checkpoints under ``root`` (renamed and holding meta.json), oldest first
+    (URL strings under an ``s3://`` root)."""
+    if storage.is_remote(root):
+        return _list_remote(str(root).rstrip("/"))
     root = Path(root)
     if not root.is_dir():
         return []
@@ -73,14 +93,26 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
+def latest_checkpoint(root: str | Path) -> Path | str | None:
     """The newest complete checkpoint under ``root``, or None."""
     found = list_checkpoints(root)
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, a checkpoint root, or a run dir (holding checkpoints/) -> checkpoint dir."""
+def resolve_checkpoint(path: str | Path) -> Path | str:
+    """A checkpoint dir, a checkpoint root, or a run dir (holding checkpoints/) -> checkpoint dir
+    (local paths or ``s3://`` URLs)."""
+    if storage.is_remote(path):
+        url = str(path).rstrip("/")
+        if url.rsplit("/", 1)[-1].startswith(_TMP):
+            raise FileNotFoundError(f"{url!r} is an uncommitted checkpoint")
+        if storage.exists(storage.join(url, "meta.json")):
+            return url
+        for root in (url, storage.join(url, "checkpoints")):
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+        raise FileNotFoundError(f"no complete checkpoint found at {url!r}")
     path = Path(path).expanduser().resolve()
     if path.name.startswith(_TMP):
         raise FileNotFoundError(f"{str(path)!r} is an uncommitted checkpoint (never renamed from {_TMP}*)")
@@ -95,6 +127,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(ckpt: str | Path) -> dict:
     """meta.json of a checkpoint."""
+    if storage.is_remote(ckpt):
+        return json.loads(storage.read_bytes(storage.join(str(ckpt), "meta.json")))
     return json.loads((Path(ckpt) / "meta.json").read_text())
 
 
@@ -103,26 +137,33 @@ class CheckpointManager:
 
     portable: also store the consolidated state that resumes on another world
     size, ep_size or ZeRO stage (see trainer/ds_checkpoint.py).
+    stage_dir: with an ``s3://`` root, this node's local folder for staging uploads and
+    downloads (default: trainer.storage.stage_root).
     """
 
-    def __init__(self, root: str | Path, *, keep_last: int = 3, portable: bool = True) -> None:
+    def __init__(self, root: str | Path, *, keep_last: int = 3, portable: bool = True,
+                 stage_dir: str | Path | None = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.root = Path(root)
+        self.remote = storage.is_remote(root)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
+        self.stage = Path(stage_dir) if stage_dir else storage.stage_root(str(self.root))
         self.keep_last = keep_last
         self.portable = portable
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Path | str | None:
         return latest_checkpoint(self.root)
 
     def save(self, engine, step: int, meta: dict,
-             before_commit: Callable[[Path], None] | None = None) -> Path:
+             before_commit: Callable[[Path | str], None] | None = None) -> Path | str:
         """Write checkpoint ``step`` atomically; returns its final path (on every rank).
 
         meta: JSON-serialisable extras (data position, routing totals, config)
         written by rank 0. ``before_commit(tmp_dir)`` runs on rank 0 after every
         file is durable and before the rename (tests kill the process there).
         """
+        if self.remote:
+            return self._save_remote(engine, step, meta, before_commit)
         rank = _rank()
         tmp = self.root / f"{_TMP}step-{step:08d}"
         final = self.root / f"step-{step:08d}"
@@ -161,8 +202,64 @@ class CheckpointManager:
 
         Same topology: DeepSpeed's own sharded load. Different worker count,
         ep_size or ZeRO stage: the consolidated portable state, re-sharded.
+        An ``s3://`` checkpoint is downloaded first, once per node.
         """
+        if storage.is_remote(ckpt):
+            return self._load_remote(engine, str(ckpt), world_size=world_size, ep_size=ep_size)
         ckpt = Path(ckpt)
         meta = read_meta(ckpt)
         load_state(engine, ckpt, meta, world_size=world_size, ep_size=ep_size)
+        return meta
+
+    # ------------------------------------------------------------- object storage (s3://)
+    def _save_remote(self, engine, step: int, meta: dict,
+                     before_commit: Callable[[Path | str], None] | None) -> str:
+        """Stage locally, upload (every rank its own files), barrier, then meta.json last (rank 0)."""
+        rank = _rank()
+        url = storage.join(self.root, f"step-{step:08d}")
+        local = self.stage / f"step-{step:08d}.rank{rank}"  # this rank's files only: it uploads them
+        if rank == 0:
+            # leftovers of a crashed upload of this step, or this step saved before: meta.json first,
+            # so it is never a complete checkpoint with a mix of files
+            storage.delete_file(storage.join(url, "meta.json"))
+            storage.delete_tree(url)
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        _barrier()
+        try:
+            topology = save_state(engine, local, portable=self.portable)
+            storage.upload_tree(local, url)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        _barrier()  # every rank's files are uploaded
+        if rank == 0:
+            if before_commit is not None:
+                before_commit(url)
+            full_meta = {"step": step, **topology, **meta}
+            storage.write_bytes(storage.join(url, "meta.json"),
+                                json.dumps(full_meta, indent=1, default=str).encode())  # the commit
+            self._prune_remote()
+        _barrier()
+        log.info("checkpoint step %d -> %s", step, url)
+        return url
+
+    def _prune_remote(self) -> None:
+        """Keep the newest ``keep_last``; delete older ones and uncommitted uploads (a crash's), each
+        meta.json first so a half-deleted prefix is never a complete checkpoint."""
+        names = [n for n in storage.list_names(self.root) if _STEP_DIR.match(n)]
+        complete = _list_remote(self.root)
+        doomed = complete[: -self.keep_last] + [u for n in names if (u := storage.join(self.root, n)) not in complete]
+        for url in doomed:
+            storage.delete_file(storage.join(url, "meta.json"))
+            storage.delete_tree(url)
+
+    def _load_remote(self, engine, url: str, *, world_size: int, ep_size: int) -> dict:
+        raw = storage.read_bytes(storage.join(url, "meta.json"))
+        meta = json.loads(raw)
+        folder, mine = storage.fetch_tree(url, self.stage, version=raw.decode())
+        load_state(engine, folder, meta, world_size=world_size, ep_size=ep_size)
+        _barrier()  # every rank of this node has read the download
+        if mine:
+            storage.release_fetched(folder)
+        log.info("loaded %s (downloaded to %s)", url, folder)
         return meta

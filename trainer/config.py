@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, create_model,
-                      model_validator)
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
-from condmoe.datasets.urls import local_path
+from condmoe.datasets.urls import ENDPOINT_ENV, REGION_ENV, is_s3, local_path
 
 if TYPE_CHECKING:
     from condmoe.routing.models import ModelFamily
@@ -262,7 +262,10 @@ class ClusterConfig(_Section):
                           "starts its GPU nodes on demand")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray")
-    storage_path: str = Field("runs", description="run storage root (shared by all nodes)")
+    storage_path: str = Field(
+        "runs", description="run storage root: a path every node sees, or s3://bucket/prefix (checkpoints "
+                            "and Ray Train's run state there; logs in storage.local_dir)")
+
     name: str | None = Field(None, description="run name (default: the job file's stem)")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
     timeout_s: float = Field(1800.0, gt=0, description="distributed init/collective timeout")
@@ -277,6 +280,58 @@ class ClusterConfig(_Section):
         return {k: v for k, v in merged.items() if v != ""}
 
 
+_CREDENTIAL_KEYS = {"access_key", "secret_key", "session_token", "aws_access_key_id", "aws_secret_access_key",
+                    "aws_session_token", "access_key_id", "secret_access_key", "password", "credentials"}
+
+
+class StorageConfig(_Section):
+    """Object storage for ``s3://`` paths (cluster.storage_path, checkpoint.dir, data.path).
+
+    Each field set here is handed to the driver and the workers as the AWS variable it names;
+    unset ones leave the environment's. Credentials never go in a job file (they would be
+    saved in every checkpoint's config): AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, a named
+    ``profile``, or an instance role.
+    """
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO, moto) (sets "
+                          "AWS_ENDPOINT_URL_S3; None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
+    region: str | None = Field(None, description="region (sets AWS_REGION; None: AWS_REGION / AWS_DEFAULT_REGION, "
+                                                 "else the bucket's own)")
+    profile: str | None = Field(None, description="named profile of ~/.aws/credentials or ~/.aws/config "
+                                                  "(sets AWS_PROFILE)")
+    local_dir: str = Field(
+        "runs", description="with an s3:// storage_path: the local folder (on each node) of the run's logs "
+                            "(<local_dir>/<run name>/metrics.jsonl, monitor/, keys/); they are copied to "
+                            "<storage_path>/<run name>/logs/ at every checkpoint and at the end")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (bad := sorted(k for k in data if str(k).lower() in _CREDENTIAL_KEYS)):
+            raise ValueError(f"{bad[0]}: credentials never go in a job file (it is saved with every checkpoint); "
+                             "use AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY, storage.profile or an instance role")
+        return data
+
+    @field_validator("endpoint_url", mode="after")
+    @classmethod
+    def _check_endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {v!r}")
+        return v
+
+    def env(self) -> dict[str, str]:
+        """The AWS variables this section sets (endpoint, region, profile; never credentials)."""
+        out = {}
+        if self.endpoint_url:
+            out.update({k: self.endpoint_url for k in ENDPOINT_ENV})
+        if self.region:
+            out.update({k: self.region for k in REGION_ENV})
+        if self.profile:
+            out["AWS_PROFILE"] = self.profile
+        return out
+
+
 class JobConfig(_Section):
     """One training job: the whole tree a job file describes."""
 
@@ -287,6 +342,7 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "JobConfig":
@@ -305,14 +361,32 @@ class JobConfig(_Section):
         return self.cluster.name or "job"
 
     @property
-    def run_dir(self) -> Path:
-        """<storage_path>/<run name>: Ray Train's experiment directory."""
-        return Path(self.cluster.storage_path).expanduser().resolve() / self.run_name
+    def remote_storage(self) -> bool:
+        """True when cluster.storage_path is an ``s3://`` URL."""
+        return is_s3(self.cluster.storage_path)
 
     @property
-    def checkpoint_dir(self) -> Path:
+    def run_url(self) -> str:
+        """<storage_path>/<run name>: Ray Train's experiment directory (an s3:// URL or a local path)."""
+        if self.remote_storage:
+            return f"{self.cluster.storage_path.rstrip('/')}/{self.run_name}"
+        return str(self.run_dir)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's local folder (metrics.jsonl, monitor/, keys/): <storage_path>/<run name>, Ray
+        Train's experiment directory; with an s3:// storage_path <storage.local_dir>/<run name>."""
+        root = self.storage.local_dir if self.remote_storage else self.cluster.storage_path
+        return Path(root).expanduser().resolve() / self.run_name
+
+    @property
+    def checkpoint_dir(self) -> Path | str:
+        """The checkpoint root: a local Path, or an ``s3://`` URL string (trainer/storage.py)."""
         if self.checkpoint.dir:
-            return Path(self.checkpoint.dir).expanduser().resolve()
+            d = self.checkpoint.dir
+            return d.rstrip("/") if is_s3(d) else Path(d).expanduser().resolve()
+        if self.remote_storage:
+            return f"{self.run_url}/checkpoints"
         return self.run_dir / "checkpoints"
 
     def zero_stage_for(self, world_size: int) -> int:
@@ -437,6 +511,7 @@ def resolve_paths(cfg: JobConfig, base: Path | None = None) -> JobConfig:
 
     cfg.data.path = _abs(cfg.data.path)
     cfg.cluster.storage_path = _abs(cfg.cluster.storage_path)
+    cfg.storage.local_dir = _abs(cfg.storage.local_dir)
     if cfg.checkpoint.dir:
         cfg.checkpoint.dir = _abs(cfg.checkpoint.dir)
     return cfg

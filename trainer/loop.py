@@ -343,5 +343,5 @@ def _already_finished(run: _Run, source: Path) -> None:
     log.warning("run %s is already at step %d of %d (raise optim.steps or pick a new cluster.name to "
                 "train more)", run.cfg.run_name, run.result.step, run.cfg.optim.steps)
     maybe_eval(run, force=True)
-    run.result.checkpoint = Path(source)
-    run.emit(CheckpointRecord(run.result.step, Path(source) if run.rank == 0 else None, 0.0, run.rank))
+    run.result.checkpoint = source  # a Path, or an s3:// URL string
+    run.emit(CheckpointRecord(run.result.step, source if run.rank == 0 else None, 0.0, run.rank))
