@@ -133,6 +133,8 @@ class BasisNet(nn.Module):
     set at inference when ``config.exit_threshold`` is not None.
     """
 
+    label_smoothing: float = 0.0  # of the class-target cross-entropies (build_model(label_smoothing=) sets it)
+
     def __init__(self, specialist: nn.Module, config: BasisNetConfig, *, in_channels: int, num_classes: int,
                  light: nn.Module | None = None) -> None:
         super().__init__()
@@ -170,15 +172,15 @@ class BasisNet(nn.Module):
             logits[stay] = self.specialist(x[stay], routing_weights=coeffs[stay]).logits.to(logits.dtype)
         out = ModelOutput(logits=logits, exited=exited)
         if targets is not None:
-            ce = F.cross_entropy(logits, targets)
+            ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
             out.loss, out.losses = ce, {"ce": ce.detach()}
         return out
 
     def _add_loss(self, out: ModelOutput, light_logits: torch.Tensor, spec_logits: torch.Tensor,
                   targets: torch.Tensor) -> None:
         cfg = self.config
-        ce_spec = F.cross_entropy(spec_logits, targets)
-        ce_light = F.cross_entropy(light_logits, targets)
+        ce_spec = F.cross_entropy(spec_logits, targets, label_smoothing=self.label_smoothing)
+        ce_light = F.cross_entropy(light_logits, targets, label_smoothing=self.label_smoothing)
         loss = ce_spec + cfg.light_loss_weight * ce_light
         losses = {"ce": ce_spec.detach(), "ce_light": ce_light.detach()}
         if cfg.distill_weight > 0:

@@ -157,6 +157,8 @@ class CIGT(nn.Module):
     "info_gain_<l>" (= -lambda * IG_l, the term added to the loss).
     """
 
+    label_smoothing: float = 0.0  # of the class-target cross-entropies (build_model(label_smoothing=) sets it)
+
     def __init__(self, layers: list[nn.ModuleList], routers: list[CIGTRouter], config: CIGTConfig, *,
                  num_classes: int) -> None:
         super().__init__()
@@ -231,7 +233,7 @@ class CIGT(nn.Module):
         logits = h
         out = ModelOutput(logits=logits)
         if targets is not None:
-            ce = F.cross_entropy(logits, targets)
+            ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
             out.loss = ce + aux_total
             out.losses = {"ce": ce.detach(), **losses}
         if self.training:

@@ -186,6 +186,9 @@ class CoE(RoutedModule):
     collect_routing_stats), summed over the expert-parallel group in ``last_group_stats``.
     """
 
+    # of the class-target cross-entropies, not the selection loss (build_model(label_smoothing=) sets it)
+    label_smoothing: float = 0.0
+
     def __init__(self, delegator: Delegator, make_expert, config: CoEConfig, *, num_classes: int,
                  seed: int | None = None) -> None:
         super().__init__()
@@ -253,7 +256,7 @@ class CoE(RoutedModule):
         self._record(selected[stay], b, b - stay.numel())
         out = ModelOutput(logits=logits, exited=exited)
         if targets is not None:
-            ce = F.cross_entropy(logits, targets)
+            ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
             out.loss, out.losses = ce, {"ce": ce.detach()}
         return out
 
@@ -267,7 +270,9 @@ class CoE(RoutedModule):
         out = ModelOutput(logits=logits)
         if targets is None:
             return out
-        per_expert = F.cross_entropy(all_logits.reshape(e * b, -1), targets.repeat(e), reduction="none").view(e, b)
+        smooth = self.label_smoothing
+        per_expert = F.cross_entropy(all_logits.reshape(e * b, -1), targets.repeat(e), reduction="none",
+                                     label_smoothing=smooth).view(e, b)
         # WGM: per-sample weights of each expert's loss
         q = (d.select_logits.detach() / cfg.wgm_temperature).softmax(-1)
         w = (1.0 - cfg.wgm_floor) * q + cfg.wgm_floor / e  # (B, E), rows sum to 1
@@ -280,10 +285,10 @@ class CoE(RoutedModule):
             else:
                 labels = losses.argmin(-1)
         selection = F.cross_entropy(d.select_logits, labels)
-        rough = F.cross_entropy(d.rough_logits, targets)
+        rough = F.cross_entropy(d.rough_logits, targets, label_smoothing=smooth)
         loss = expert_loss + cfg.selection_loss_weight * selection + cfg.rough_loss_weight * rough
         losses_out = {"expert_ce": expert_loss.detach(), "selection": selection.detach(), "rough_ce": rough.detach(),
-                      "ce": F.cross_entropy(logits, targets).detach()}
+                      "ce": F.cross_entropy(logits, targets, label_smoothing=smooth).detach()}
         if d.vcm_logit is not None:
             wrong = (d.rough_logits.argmax(-1) != targets).float()
             vcm = F.binary_cross_entropy_with_logits(d.vcm_logit, wrong)

@@ -4,6 +4,7 @@ Layout under the checkpoint root::
 
     step-00000200/
         ds/, portable.pt  the engine's state (trainer/ds_checkpoint.py writes and reads it)
+        ema.pt            the weights' moving average, when the job keeps one (trainer/ema.py)
         meta.json         step, topology, data position, routing totals, resolved config
 
 A checkpoint is written into ``.tmp-step-N``, fsynced, then renamed to
@@ -137,11 +138,12 @@ class CheckpointManager:
 
     portable: also store the consolidated state that resumes on another world
     size, ep_size or ZeRO stage (see trainer/ds_checkpoint.py).
+    ema: a WeightEma (trainer/ema.py) saved with every checkpoint and restored by ``load``.
     stage_dir: with an ``s3://`` root, this node's local folder for staging uploads and
     downloads (default: trainer.storage.stage_root).
     """
 
-    def __init__(self, root: str | Path, *, keep_last: int = 3, portable: bool = True,
+    def __init__(self, root: str | Path, *, keep_last: int = 3, portable: bool = True, ema=None,
                  stage_dir: str | Path | None = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -150,6 +152,7 @@ class CheckpointManager:
         self.stage = Path(stage_dir) if stage_dir else storage.stage_root(str(self.root))
         self.keep_last = keep_last
         self.portable = portable
+        self.ema = ema
 
     def latest(self) -> Path | str | None:
         return latest_checkpoint(self.root)
@@ -173,6 +176,8 @@ class CheckpointManager:
             tmp.mkdir()
         _barrier()
         topology = save_state(engine, tmp, portable=self.portable)
+        if self.ema is not None:
+            self.ema.save(tmp)
         _barrier()  # every rank's files are written
         if rank == 0:
             full_meta = {"step": step, **topology, **meta}
@@ -209,6 +214,8 @@ class CheckpointManager:
         ckpt = Path(ckpt)
         meta = read_meta(ckpt)
         load_state(engine, ckpt, meta, world_size=world_size, ep_size=ep_size)
+        if self.ema is not None:
+            self.ema.load(ckpt)
         return meta
 
     # ------------------------------------------------------------- object storage (s3://)
@@ -228,6 +235,8 @@ class CheckpointManager:
         _barrier()
         try:
             topology = save_state(engine, local, portable=self.portable)
+            if self.ema is not None:
+                self.ema.save(local)
             storage.upload_tree(local, url)
         finally:
             shutil.rmtree(local, ignore_errors=True)
@@ -258,6 +267,8 @@ class CheckpointManager:
         meta = json.loads(raw)
         folder, mine = storage.fetch_tree(url, self.stage, version=raw.decode())
         load_state(engine, folder, meta, world_size=world_size, ep_size=ep_size)
+        if self.ema is not None:
+            self.ema.load(folder)
         _barrier()  # every rank of this node has read the download
         if mine:
             storage.release_fetched(folder)

@@ -167,22 +167,60 @@ class DataConfig(_Section):
     )
 
 
-class OptimConfig(_Section):
-    """Optimiser and learning-rate schedule (mapped into the DeepSpeed JSON)."""
+class EmaConfig(_Section):
+    """An exponential moving average of the weights, used for evaluation and saved in checkpoints
+    (condmoe.trainer.ema; the EfficientNet/MobileNet recipes' ``moving_average_decay``)."""
 
-    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimiser")
+    enabled: bool = Field(False, description="keep an fp32 EMA of the weights (ZeRO stage <= 2)")
+    decay: float = Field(0.9999, gt=0, lt=1, description="decay per optimiser step")
+    every: int = Field(
+        1, ge=1, description="update every N optimiser steps, with decay**N (same averaging horizon, "
+                             "1/N of the cost)")
+    warmup: bool = Field(
+        True, description="TensorFlow's num_updates rule: decay at step t is min(decay, (1+t)/(10+t)), "
+                          "so the early average is not dominated by the initial weights")
+
+
+class OptimConfig(_Section):
+    """Optimiser and learning-rate schedule (mapped into the DeepSpeed JSON; rmsprop and the cosine
+    schedule are built by condmoe.trainer.optim and handed to DeepSpeed)."""
+
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = Field(
+        "adamw", description="optimiser; rmsprop is TensorFlow's (the MobileNet/EfficientNet recipe: "
+                             "mean square starts at 1, eps inside the square root, lr inside momentum)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled (adamw) or L2 weight decay")
+    no_decay_norm_bias: bool = Field(
+        True, description="no weight decay on norm layers' weights and on biases (and other 1-D params); "
+                          "only matters when weight_decay > 0")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
-    momentum: float = Field(0.9, ge=0, description="SGD momentum")
+    momentum: float = Field(0.9, ge=0, description="SGD and RMSprop momentum")
+    nesterov: bool = Field(False, description="SGD: Nesterov momentum (needs momentum > 0)")
+    alpha: float = Field(0.9, ge=0, lt=1, description="RMSprop: decay of the mean squared gradient")
+    eps: float | None = Field(
+        None, gt=0, description="Adam/RMSprop epsilon; None: 1e-8 for Adam, 1e-3 for RMSprop "
+                                "(TensorFlow's, added inside the square root)")
     steps: int = Field(100, ge=1, description="optimiser steps to train in total")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps from 0 to lr")
-    schedule: Literal["constant", "warmup", "warmup_decay"] = Field(
-        "warmup", description="constant lr; linear warm-up then constant; warm-up then linear decay"
-    )
+    schedule: Literal["constant", "warmup", "warmup_decay", "cosine"] = Field(
+        "warmup", description="constant lr; linear warm-up then constant; warm-up then linear decay; "
+                              "warm-up then cosine decay to min_lr at the last step")
+    min_lr: float = Field(0.0, ge=0, description="cosine schedule: the lr it decays to (< lr)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="label smoothing of the models' classification cross-entropy")
+    ema: EmaConfig = Field(default_factory=EmaConfig)
     grad_accum: int = Field(1, ge=1, description="micro-steps accumulated per optimiser step")
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip (0 disables)")
     seed: int = Field(0, description="seed of model initialisation")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise _field_error("nesterov", f"nesterov needs optimizer sgd with momentum > 0 (optimizer "
+                               f"{self.optimizer}, momentum {self.momentum})", self.nesterov)
+        if self.schedule == "cosine" and self.min_lr >= self.lr:
+            raise _field_error("min_lr", f"min_lr={self.min_lr} must be below lr={self.lr}", self.min_lr)
+        return self
 
 
 class DeepSpeedConfig(_Section):
@@ -350,6 +388,9 @@ class JobConfig(_Section):
             raise ValueError(
                 f"deepspeed.zero_stage=3 is not supported with hard-routed model {self.model.name!r}"
             )
+        if self.optim.ema.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("optim.ema needs deepspeed.zero_stage <= 2 (ZeRO 3 leaves each rank a slice "
+                             "of every weight, not the weights to average)")
         if self.model.experts % self.model.ep_size:
             raise ValueError(
                 f"model.ep_size={self.model.ep_size} does not divide model.experts={self.model.experts}"
@@ -524,7 +565,7 @@ def dump_job(cfg: JobConfig) -> str:
 
 def _scheduler(cfg: JobConfig) -> dict | None:
     o = cfg.optim
-    if o.schedule == "constant":
+    if o.schedule in ("constant", "cosine"):  # cosine: condmoe.trainer.optim.CosineSchedule
         return None
     if o.schedule == "warmup":
         return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
@@ -536,12 +577,14 @@ def _scheduler(cfg: JobConfig) -> dict | None:
                                                 "warmup_type": "linear"}}
 
 
-def _optimizer(cfg: JobConfig) -> dict:
+def _optimizer(cfg: JobConfig) -> dict | None:
     o = cfg.optim
+    if o.optimizer == "rmsprop":  # not in DeepSpeed's JSON: condmoe.trainer.optim.RMSpropTF
+        return None
     if o.optimizer == "sgd":
-        return {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum,
+        return {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov,
                                           "weight_decay": o.weight_decay}}
-    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": 1e-8,
+    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps or 1e-8,
                               "weight_decay": o.weight_decay}
     if cfg.deepspeed.torch_adam:
         params["torch_adam"] = True
@@ -560,7 +603,6 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
         "train_batch_size": cfg.data.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch(world_size),
         "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "optimizer": _optimizer(cfg),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
@@ -572,13 +614,16 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
         "wall_clock_breakdown": False,
         "seed": cfg.optim.seed,
     }
-    sched = _scheduler(cfg)
+    optimizer, sched = _optimizer(cfg), _scheduler(cfg)
+    if optimizer is not None:
+        ds["optimizer"] = optimizer
     if sched is not None:
         ds["scheduler"] = sched
     if stage in (1, 2):
         # expert (MoE) param groups need their own partitions; contiguous grads are fine on CPU
         ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": False})
-    if cfg.model.hard_routed and stage > 0:
+    if stage > 0 and (cfg.model.hard_routed or cfg.optim.optimizer in ("sgd", "rmsprop")):
+        # DeepSpeed lists only Adam-like optimisers as ZeRO-tested; SGD and RMSprop are elementwise
         ds["zero_allow_untested_optimizer"] = True
     return _merge(ds, cfg.deepspeed.extra)
 

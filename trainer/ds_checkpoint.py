@@ -36,7 +36,8 @@ import yaml
 log = logging.getLogger(__name__)
 
 _EXPERT = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
-OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+# optimiser state per parameter: Adam/AdamW, SGD, RMSprop (torch's and condmoe.trainer.optim.RMSpropTF)
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg")
 PORTABLE = "portable.pt"
 
 
@@ -162,6 +163,22 @@ def to_global(name: str, layout: dict[str, tuple[int, int]]) -> str:
     return f"{head}{ep_rank * local + int(idx)}{tail}"
 
 
+def global_names(module: torch.nn.Module) -> tuple[dict[str, str], set[str]]:
+    """({local name: global name}, local names of expert entries) over every parameter AND
+    buffer: an expert's buffers (its BatchNorm statistics) get the global expert id too."""
+    heads = {_EXPERT.match(n).group(1): where for n, where in _expert_layout(module).items()}
+    names, experts = {}, set()
+    for name, _ in [*module.named_parameters(), *module.named_buffers()]:
+        m = _EXPERT.match(name)
+        if m and m.group(1) in heads:
+            ep_rank, local = heads[m.group(1)]
+            names[name] = f"{m.group(1)}{ep_rank * local + int(m.group(2))}{m.group(3)}"
+            experts.add(name)
+        else:
+            names[name] = name
+    return names, experts
+
+
 # ---------------------------------------------------------------- consolidation
 def _zero_opt(engine):
     opt = engine.optimizer
@@ -196,7 +213,7 @@ def _init_optimizer_state(engine, keys: list[str]) -> None:
             continue
         for k in keys:
             state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if keys and k != "momentum_buffer":
+        if any(k != "momentum_buffer" for k in keys):  # SGD alone keeps no step count
             state["step"] = torch.tensor(0.0)
     if hasattr(opt, "_hp_optimizer_states_linked"):
         opt._hp_optimizer_states_linked = False
@@ -218,7 +235,7 @@ def consolidate(engine) -> dict | None:
 
         {"params": {global name: {"param": tensor, "exp_avg": tensor, ...}},
          "optim_keys": [str], "optim_step": int, "scheduler": dict | None,
-         "buffers": {name: tensor}}
+         "buffers": {global name: tensor}}
 
     ZeRO 1-3 and bf16: through DeepSpeed's fragment API; ZeRO 0 in fp32:
     straight from the params.
@@ -243,22 +260,26 @@ def consolidate(engine) -> dict | None:
             value = state.get(p, {}).get(k) if plain_params else safe_get_full_optimizer_state(p, k)
             entry[k] = (torch.zeros_like(entry["param"]) if value is None else value.detach().cpu().clone())
         (experts if name in layout else dense)[to_global(name, layout)] = entry
-    gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [experts]
+    names, expert_entries = global_names(module)
+    buffers = {names[n]: b.detach().cpu().clone() for n, b in module.named_buffers()}
+    expert_buffers = {names[n]: buffers.pop(names[n]) for n, _ in module.named_buffers() if n in expert_entries}
+    gathered: list = [None] * dist.get_world_size() if dist.is_initialized() else [(experts, expert_buffers)]
     if dist.is_initialized():
-        dist.all_gather_object(gathered, experts)
+        dist.all_gather_object(gathered, (experts, expert_buffers))
     if _rank() != 0:
         return None
     params = dict(dense)
-    for part in gathered:
+    for part, part_buffers in gathered:
         for name, entry in part.items():
             params.setdefault(name, entry)
+        for name, b in part_buffers.items():
+            buffers.setdefault(name, b)
     step_val = 0
     for s in _base_state(engine).values():
         if "step" in s:
             step_val = int(s["step"])
             break
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    buffers = {n: b.detach().cpu().clone() for n, b in module.named_buffers()}
     return {"params": params, "optim_keys": keys, "optim_step": step_val, "scheduler": sched,
             "buffers": buffers}
 
@@ -299,9 +320,10 @@ def restore_portable(engine, portable: dict) -> None:
         for k in portable["optim_keys"]:
             safe_set_full_optimizer_state(p, entry[k].to(p.device), k)
     _refresh_zero3_params(engine)
+    names, _ = global_names(module)
     for n, b in module.named_buffers():
-        if n in portable["buffers"]:
-            b.data.copy_(portable["buffers"][n])
+        if names[n] in portable["buffers"]:
+            b.data.copy_(portable["buffers"][names[n]])
     for s in _base_state(engine).values():
         if "step" in s:
             s["step"] = (torch.tensor(float(portable["optim_step"]), dtype=s["step"].dtype,

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import ConfigError, JobConfig, deepspeed_config
 from .device import activate, decide_placement
+from .optim import client_optimizer, client_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def build_model(cfg: JobConfig) -> nn.Module:
     from condmoe.routing import build_model as registry_build
 
     torch.manual_seed(cfg.optim.seed)
-    return registry_build(cfg.model.name, cfg.model.size, **cfg.model.build_kwargs())
+    return registry_build(cfg.model.name, cfg.model.size, **cfg.model.build_kwargs(),
+                          label_smoothing=cfg.optim.label_smoothing)
 
 
 def check_model(cfg: JobConfig, world_size: int) -> None:
@@ -129,17 +131,6 @@ def apply_expert_parallel(model: nn.Module, cfg: JobConfig, world_size: int) -> 
         )
 
 
-def param_groups(model: nn.Module, cfg: JobConfig) -> list[dict]:
-    """Optimiser groups: one dense group; expert params split into MoE groups when present."""
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "dense",
-               "weight_decay": cfg.optim.weight_decay}]
-    if has_moe_params(model):
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return groups
-
-
 def build_engine(cfg: JobConfig, world_size: int):
     """Build model, apply parallelism, then ``deepspeed.initialize``; returns the engine.
 
@@ -154,9 +145,11 @@ def build_engine(cfg: JobConfig, world_size: int):
     placement = decide_placement(cfg)
     placement.model(model)  # this worker's device (and memory format) before DeepSpeed wraps it
     ds_config = deepspeed_config(cfg, world_size)
+    # rmsprop and the cosine schedule are ours (trainer/optim.py); the rest comes from ds_config
     engine, _, _, _ = deepspeed.initialize(args=placement.deepspeed_args(), model=model,
                                            model_parameters=param_groups(model, cfg),
-                                           config=ds_config)
+                                           optimizer=client_optimizer(cfg),
+                                           lr_scheduler=client_scheduler(cfg), config=ds_config)
     engine.condmoe_placement = placement  # the loop and evaluation move batches with it
     log.info("device %s (DeepSpeed accelerator %s, %s, inputs %s%s)", engine.device, placement.accelerator,
              placement.backend, str(placement.dtype).removeprefix("torch."),

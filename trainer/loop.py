@@ -9,6 +9,7 @@ Train's report to the jsonl log every run has).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from condmoe.routing.macs import count_macs
 from .checkpoint import CheckpointManager, resolve_checkpoint
 from .config import JobConfig, dump_job
 from .device import placement_of
+from .ema import WeightEma, build_ema
 from .engine import build_engine, setup_distributed
 from .records import CheckpointRecord, EvalRecord, JsonlSink, MetricsSink, Record, RestartRecord, StepRecord
 from .routing_tracker import RoutingTracker, check_finite
@@ -89,13 +91,19 @@ def _allreduce_sum(values: list[float]) -> list[float]:
 
 @torch.no_grad()
 def evaluate(engine, loader: Loader, *, max_batches: int | None = None, macs_batches: int = 2,
-             start_state: dict | None = None, step: int = 0) -> EvalRecord:
+             start_state: dict | None = None, step: int = 0, ema: WeightEma | None = None) -> EvalRecord:
     """Accuracy, multiply-adds per sample (early exits counted) and exit rate over ``loader``.
 
     Every rank runs the same number of batches (the loader guarantees equal
     lengths), so expert-parallel all-to-alls stay matched; padding of the last
     batch (``batch.valid`` False) is left out, so the whole split counts once.
+    ema: evaluate the averaged weights (swapped in, the live ones back after).
     """
+    if ema is not None:
+        with ema.applied():
+            record = evaluate(engine, loader, max_batches=max_batches, macs_batches=macs_batches,
+                              start_state=start_state, step=step)
+        return dataclasses.replace(record, ema=True)
     module = engine.module
     placement = placement_of(engine)  # the engine's device and input dtype
     was_training = module.training
@@ -172,6 +180,7 @@ class _Run:
     sinks: Sequence[MetricsSink]
     result: TrainResult
     keys_file: Any = None
+    ema: WeightEma | None = None  # optim.ema: updated after each optimiser step, evaluated
     # the current report interval
     reported_step: int = 0
     t_report: float = field(default_factory=time.perf_counter)
@@ -214,6 +223,8 @@ def train_step(run: _Run) -> tuple[float, dict[str, RoutingStats]]:
                                             "world": run.world, "pid": os.getpid(),
                                             "keys": list(batch.keys)}) + "\n")
             run.keys_file.flush()
+    if run.ema is not None:  # after the optimiser step (the last micro-step's engine.step())
+        run.ema.update(run.result.step + 1)
     return loss_sum / run.cfg.optim.grad_accum, stats
 
 
@@ -264,7 +275,7 @@ def maybe_eval(run: _Run, force: bool = False) -> None:
     if not (force or _due(step, cfg.metrics.eval_every, cfg.optim.steps)):
         return
     record = evaluate(run.engine, run.eval_loader, max_batches=cfg.metrics.eval_batches,
-                      start_state=run.eval_start, step=step)
+                      start_state=run.eval_start, step=step, ema=run.ema)
     run.result.eval = record.as_metrics()
     run.t_report = time.perf_counter()  # evaluation time is not training throughput
     if run.rank == 0:
@@ -299,8 +310,9 @@ def train(cfg: JobConfig, *, sinks: Sequence[MetricsSink] | None = None, resume:
     sinks = default_sinks(cfg, rank) if sinks is None else list(sinks)
     try:
         engine = build_engine(cfg, world)
+        ema = build_ema(cfg, engine.module)
         ckpts = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
-                                  portable=cfg.checkpoint.portable)
+                                  portable=cfg.checkpoint.portable, ema=ema)
         source, meta = _resume(cfg, engine, ckpts, resume, world)
         step = int(meta.get("step", 0))
         eval_loader = loader_factory(cfg, cfg.data.eval_split, cfg.data.eval_batch_size, rank, world, False)
@@ -308,7 +320,7 @@ def train(cfg: JobConfig, *, sinks: Sequence[MetricsSink] | None = None, resume:
                    _Batches(loader_factory(cfg, cfg.data.train_split, cfg.micro_batch(world), rank, world, True),
                             meta.get("data", {})),
                    eval_loader, eval_loader.state_dict(), ckpts, RoutingTracker.from_state(meta.get("routing")),
-                   sinks, TrainResult(step=step, resumed_from=source), reported_step=step)
+                   sinks, TrainResult(step=step, resumed_from=source), reported_step=step, ema=ema)
         run.emit(RestartRecord(step, world, source, rank))
         if cfg.metrics.record_keys:
             (cfg.run_dir / "keys").mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,7 @@ class EvalRecord:
     macs_per_sample: float
     exit_rate: float
     rank: int = 0
+    ema: bool = False  # evaluated with the weights' moving average (optim.ema), not the live weights
 
     def as_metrics(self) -> dict[str, float]:
         """The ``eval_*`` keys the CLI, Ray Train and TrainResult use."""

@@ -102,7 +102,6 @@ class CondConvCnnOptions:
 
     dropout: float = 0.1  # dropout before the classifier
     router_dropout: float = 0.0  # dropout on each block's routing-function input
-    label_smoothing: float = 0.0  # of the cross-entropy loss
 
 
 @register_model("condconv_cnn", tuple(SIZES), options=CondConvCnnOptions)
@@ -110,5 +109,4 @@ def condconv_cnn(size: str, *, experts: int = 8, num_classes: int = 10, in_chann
                  options: CondConvCnnOptions = CondConvCnnOptions()) -> CondConvCNN:
     """CondConv network of E = ``experts`` kernels per routed convolution (1: the static baseline)."""
     return CondConvCNN(SIZES[size], experts=experts, num_classes=num_classes, in_channels=in_channels,
-                       dropout=options.dropout, router_dropout=options.router_dropout,
-                       label_smoothing=options.label_smoothing)
+                       dropout=options.dropout, router_dropout=options.router_dropout)

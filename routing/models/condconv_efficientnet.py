@@ -58,7 +58,6 @@ class CondConvEfficientNetOptions:
     dropout: float | None = None  # dropout before the classifier (None: the size's, 0.2 at B0 and B1)
     cond_stages: int = 3  # how many final stages are CondConv (3: the references' 112/192/320 stages)
     router_dropout: float = 0.0  # dropout on each block's routing-function input
-    label_smoothing: float = 0.0  # of the cross-entropy loss
 
 
 @register_model("condconv_efficientnet", tuple(SIZES), options=CondConvEfficientNetOptions)
@@ -90,5 +89,4 @@ def condconv_efficientnet(size: str, *, experts: int = 8, num_classes: int = 100
         blocks=blocks,
         final=ConvNormAct(ch, 1280, 1, activation="swish"),
         classifier=Classifier(1280, num_classes, dropout=dropout),
-        label_smoothing=options.label_smoothing,
     )

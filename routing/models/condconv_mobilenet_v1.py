@@ -74,7 +74,6 @@ class CondConvMobileNetV1Options:
     cond_layers: int = 7  # how many final separable layers are CondConv (7: layers 7-13)
     cond_classifier: bool = True  # the classifier is a CondConv FC too (its own router)
     router_dropout: float = 0.0  # dropout on each layer's routing-function input
-    label_smoothing: float = 0.0  # of the cross-entropy loss
 
 
 @register_model("condconv_mobilenet_v1", tuple(SIZES), options=CondConvMobileNetV1Options)
@@ -99,5 +98,4 @@ def condconv_mobilenet_v1(size: str, *, experts: int = 32, num_classes: int = 10
         blocks=layers,
         classifier=Classifier(ch, num_classes, dropout=options.dropout,
                               experts=experts if options.cond_classifier else 1),
-        label_smoothing=options.label_smoothing,
     )

@@ -47,7 +47,6 @@ class CondConvMobileNetV2Options:
     cond_stages: int = 3  # how many final stages are CondConv (3: the 96/160/320-channel stages)
     cond_classifier: bool = True  # the classifier is a CondConv FC too (its own router)
     router_dropout: float = 0.0  # dropout on each block's routing-function input
-    label_smoothing: float = 0.0  # of the cross-entropy loss
 
 
 @register_model("condconv_mobilenet_v2", tuple(SIZES), options=CondConvMobileNetV2Options)
@@ -78,5 +77,4 @@ def condconv_mobilenet_v2(size: str, *, experts: int = 8, num_classes: int = 100
         final=ConvNormAct(ch, last, 1, activation="relu6"),
         classifier=Classifier(last, num_classes, dropout=options.dropout,
                               experts=experts if options.cond_classifier else 1),
-        label_smoothing=options.label_smoothing,
     )

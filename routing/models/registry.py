@@ -11,6 +11,9 @@ fails when the job file is loaded. An options class sets
 stdlib dataclasses; nothing here imports it).
 
 Builder contract: ``builder(size, *, experts, num_classes, in_channels[, ep_size][, options])``.
+The network it returns declares ``label_smoothing: float`` (0.0 by default) and applies
+it to every cross-entropy against the class targets; ``build_model(label_smoothing=)``
+sets it (the trainer's ``optim.label_smoothing``: a recipe choice, not a model option).
 A builder with an ``ep_size`` parameter declares expert parallelism (its experts
 are deepspeed.moe experts spread over ``ep_size`` workers); the registry rejects
 ``ep_size > 1`` for the others. A family registered with an options class gets
@@ -116,11 +119,12 @@ def config_kwargs(options: Any, target: type) -> dict[str, Any]:
 
 def build_model(name: str, size: str = "small", *, experts: int | None = None, num_classes: int | None = None,
                 in_channels: int | None = None, ep_size: int | None = None, options: Any = None,
-                **option_overrides: Any) -> nn.Module:
+                label_smoothing: float = 0.0, **option_overrides: Any) -> nn.Module:
     """Build a registered network; arguments left None take the builder's defaults.
 
     options: the family's options object or a mapping of its fields; further keyword
     arguments are options too (``build_model("coe_cnn", "tiny", lgm="argmin")``).
+    label_smoothing: of the network's class-target cross-entropies, in [0, 1).
     Unknown names, sizes or options, and ``ep_size > 1`` for a family without expert
     parallelism, raise a ValueError naming them.
     """
@@ -134,7 +138,14 @@ def build_model(name: str, size: str = "small", *, experts: int | None = None, n
             kwargs["ep_size"] = ep_size
         elif ep_size != 1:
             raise ValueError(f"model {name!r} has no expert-parallel layers: ep_size must be 1, got {ep_size}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     opts = family.make_options(options, **option_overrides)
     if opts is not None:
         kwargs["options"] = opts
-    return family.builder(size, **kwargs)
+    model = family.builder(size, **kwargs)
+    if label_smoothing:
+        if not isinstance(getattr(model, "label_smoothing", None), float):
+            raise ValueError(f"model {name!r} ({type(model).__name__}) declares no label_smoothing attribute")
+        model.label_smoothing = float(label_smoothing)
+    return model

@@ -37,6 +37,8 @@ def conv_expert(channels: int) -> nn.Sequential:
 class TopKMoECNN(nn.Module):
     """forward(x: (B, C, H, W), targets: (B,) | None) -> ModelOutput; losses "ce", "load_balance"."""
 
+    label_smoothing: float = 0.0  # of the class-target cross-entropies (build_model(label_smoothing=) sets it)
+
     def __init__(self, channels: tuple[int, int, int], *, num_classes: int, in_channels: int, experts: int,
                  **moe_options) -> None:
         super().__init__()
@@ -54,7 +56,7 @@ class TopKMoECNN(nn.Module):
         logits = self.classifier(self.head(h).mean(dim=(2, 3)))
         out = ModelOutput(logits=logits)
         if targets is not None:
-            ce = F.cross_entropy(logits, targets)
+            ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
             out.loss = ce + sum(routing.aux_losses.values())
             out.losses = {"ce": ce.detach(), **{k: v.detach() for k, v in routing.aux_losses.items()}}
         return out

@@ -30,7 +30,7 @@ FAMILIES = sorted(n for n, f in model_families().items() if f.options is not Non
 
 # a real option per family, a non-default value, and where the built model shows it
 APPLIED = {
-    "condconv_cnn": ("label_smoothing", 0.2, lambda m: m.label_smoothing),
+    "condconv_cnn": ("dropout", 0.2, lambda m: m.dropout.p),
     "basisnet_cnn": ("temperature", 2.5, lambda m: m.config.temperature),
     "coe_cnn": ("lgm", "argmin", lambda m: m.config.lgm),
     "cigt_lenet": ("execution", "dense", lambda m: m.config.execution),

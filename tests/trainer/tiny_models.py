@@ -28,6 +28,8 @@ class SoftMix(RoutedModule):
 
 
 class TinyCNN(nn.Module):
+    label_smoothing: float = 0.0  # optim.label_smoothing reaches it through build_model
+
     def __init__(self, experts: int, num_classes: int, in_channels: int, ep_size: int = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, 8, 3, stride=2, padding=1)
@@ -55,7 +57,7 @@ class TinyCNN(nn.Module):
         logits = self.head(h)
         if targets is None:
             return ModelOutput(logits=logits)
-        ce = F.cross_entropy(logits, targets)
+        ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         loss = ce + 0.01 * aux
         return ModelOutput(logits=logits, loss=loss, losses={"ce": ce, "aux": aux})
 
