@@ -8,7 +8,7 @@ timings, in OUT/results.md (docs/results.md is written from it).
     python benchmarks/results.py [--out runs/results] [--data data/fashion_mnist] [--seeds 3] [--smoke]
     python benchmarks/results.py --only condconv,coe     # some comparisons
 
---smoke: 2 training steps on a 768-image slice (its own shard folder), 2 seeds: proves the pipeline.
+--smoke: 2 training steps on a 768-image slice (its own shard folder), 1 seed: proves the pipeline.
 Sizes and steps (why: docs/results.md): every network at size "tiny", batch 64, one worker per
 trial, as many trials at once as the CPUs hold; CondConv, BasisNet and top-k 3000 steps (3.2
 epochs), CoE and CIGT 1500 steps (CoE trains all 4 experts on every sample, CIGT's thick baseline
@@ -106,7 +106,7 @@ def main() -> int:
                                                                            "(default runs/results)")
     ap.add_argument("--data", default=None, help="Fashion-MNIST shards (written when missing; default "
                                                  "data/fashion_mnist, smoke: OUT/shards-smoke)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3, smoke 2)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3, smoke 1)")
     ap.add_argument("--only", default=None, help="comma-separated comparisons (default: all five)")
     ap.add_argument("--smoke", action="store_true", help="2 steps on a 768-image slice: the pipeline only")
     ap.add_argument("--print-commands", action="store_true",
@@ -115,13 +115,13 @@ def main() -> int:
     if args.print_commands:
         for name in (args.only.split(",") if args.only else COMPARISONS):
             cmd = sweep_command(name, Path(args.data or "data/fashion_mnist"), Path(args.out),
-                                args.seeds or (2 if args.smoke else 3), args.smoke)
+                                args.seeds or (1 if args.smoke else 3), args.smoke)
             print(shlex.join(["condmoe", *cmd[1:]]) + "\n")
         return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data or (out / "shards-smoke" if args.smoke else ROOT / "data" / "fashion_mnist")).resolve()
-    seeds = args.seeds or (2 if args.smoke else 3)
+    seeds = args.seeds or (1 if args.smoke else 3)
     names = args.only.split(",") if args.only else list(COMPARISONS)
     unknown = [n for n in names if n not in COMPARISONS]
     if unknown:

@@ -106,7 +106,7 @@ def _value(raw: str) -> Any:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+]+", "", text)[:24]
+    return re.sub(r"[^A-Za-z0-9.+-]+", "", text)[:24]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,9 @@ class SweepSpec:
     def trial_job(self, trial: Trial) -> JobConfig:
         """The trial's validated job: base + its overrides, its own run name under <sweep>/runs."""
         tree = json.loads(json.dumps(self.job))
+        names = [value for keys, value in map(parse_override, trial.overrides) if keys == ["model", "name"]]
+        if names and names[-1] != tree["model"]["name"]:
+            tree["model"].pop("options", None)  # another family: the base job's options are not its own
         tree = apply_overrides(tree, [*trial.overrides, f"cluster.name={self.name}-{trial.trial_id}",
                                       f"cluster.storage_path={self.dir / 'runs'}"])
         tree.setdefault("metrics", {})["eval_batches"] = None  # the whole evaluation split

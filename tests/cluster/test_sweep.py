@@ -82,6 +82,11 @@ def test_trials_are_the_cross_product_with_stable_names(tmp_path, fmnist_shards)
     assert cfg.optim.seed == cfg.data.seed == 1 and cfg.metrics.eval_batches is None
     spec.save()
     assert SweepSpec.load(spec.dir).trials() == trials
+    # a variant of another family starts from that family's default options, then its own
+    other = make_spec(str(job), variants=[["static", "model.name=expert_cnn", "model.options.width=1.5"]],
+                      overrides=["model.options.dropout=0.3"])
+    cfg = other.trial_job(other.trials()[0])
+    assert cfg.model.name == "expert_cnn" and cfg.model.options.width == 1.5 and cfg.model.options.dropout == 0.1
     with pytest.raises(ConfigError, match="no_such_option"):
         make_spec(str(job), grid=["model.options.no_such_option=1,2"])
     with pytest.raises(ValueError, match="seeds"):
