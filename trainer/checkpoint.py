@@ -230,7 +230,8 @@ class CheckpointManager:
             # so it is never a complete checkpoint with a mix of files
             storage.delete_file(storage.join(url, "meta.json"))
             storage.delete_tree(url)
-        shutil.rmtree(local, ignore_errors=True)
+        for stale in self.stage.glob(f"step-*.rank{rank}"):  # this one, and uploads a killed rank left
+            shutil.rmtree(stale, ignore_errors=True)
         local.mkdir(parents=True)
         _barrier()
         try:
