@@ -77,7 +77,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(res, default=str))
         return 0
     print(f"checkpoint: {res['checkpoint']} (step {res['step']}, {res['model']})")
-    print(f"accuracy:   {res['eval_accuracy']:.4f} on {int(res['eval_samples'])} samples")
+    print(f"accuracy:   {res['eval_accuracy']:.4f} on {int(res['eval_samples'])} samples"
+          + (" (the weights' moving average, optim.ema)" if res.get("ema") else ""))
     print(f"MAdds:      {res['eval_macs_per_sample'] / 1e6:.3f}M per sample "
           f"(early-exit rate {res['eval_exit_rate']:.3f})")
     for name, st in res["routing"].items():

@@ -93,19 +93,22 @@ class WeightEma:
         self.updates += 1
         return True
 
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Put the average into the live weights for good (a model that is only evaluated)."""
+        for name, t in self.live():
+            t.copy_(self.shadow[name])
+
     @contextmanager
     def applied(self) -> Iterator[None]:
         """Run the block with the averaged weights in the model; the live weights come back after."""
-        pairs = list(self.live())
-        backup = [t.detach().clone() for _, t in pairs]
-        with torch.no_grad():
-            for name, t in pairs:
-                t.copy_(self.shadow[name])
+        backup = [t.detach().clone() for _, t in self.live()]
+        self.copy_to_model()
         try:
             yield
         finally:
             with torch.no_grad():
-                for (_, t), saved in zip(pairs, backup):
+                for (_, t), saved in zip(self.live(), backup):
                     t.copy_(saved)
 
     # ------------------------------------------------------------ checkpoints

@@ -3,6 +3,8 @@
 The checkpoint's resolved config rebuilds the model; it is loaded on a world of
 one (expert-parallel checkpoints are re-sharded to ep_size 1 through their
 portable state) and evaluated on the whole test split, early exits counted.
+A job that kept an EMA of its weights (``optim.ema``) is evaluated with it, as
+its training run was.
 :func:`exit_curve_checkpoint` evaluates an early-exit family (BasisNet, CoE)
 at many exit thresholds in one pass (condmoe.trainer.exit_curve).
 """
@@ -20,6 +22,7 @@ from condmoe.datasets.urls import local_path
 
 from .checkpoint import CheckpointManager, read_meta, resolve_checkpoint
 from .config import JobConfig, job_from_dict
+from .ema import build_ema
 from .engine import build_engine, setup_distributed
 from .loop import evaluate, streaming_loader
 
@@ -27,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def _load(ckpt: str | Path, data_path: str | None, exit_threshold: float | None | str = "keep"):
-    """(cfg, engine, meta, checkpoint path) of a checkpoint loaded on a world of one.
+    """(cfg, engine, meta, checkpoint path) of a checkpoint loaded on a world of one; the engine
+    holds the checkpoint's EMA weights when its job kept them (``optim.ema``).
 
     exit_threshold: a value (None: never exit) replaces the job's ``model.options.exit_threshold``.
     """
@@ -52,7 +56,10 @@ def _load(ckpt: str | Path, data_path: str | None, exit_threshold: float | None 
         cfg.cluster.use_gpu, cfg.deepspeed.bf16 = False, False
     setup_distributed(cfg)
     engine = build_engine(cfg, 1)
-    CheckpointManager(path.parent).load(engine, path, world_size=1, ep_size=1)
+    ema = build_ema(cfg, engine.module)
+    CheckpointManager(path.parent, ema=ema).load(engine, path, world_size=1, ep_size=1)
+    if ema is not None:  # evaluated as the run evaluated it; nothing trains this engine
+        ema.copy_to_model()
     return cfg, engine, meta, path
 
 
@@ -69,7 +76,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, data_path: str | None = None, split
     cfg, engine, meta, path = _load(ckpt, data_path, exit_threshold)
     metrics = evaluate(engine, _loader(cfg, split), max_batches=max_batches, macs_batches=10**9).as_metrics()
     return {"checkpoint": str(path), "step": meta["step"], "model": cfg.model.name, **metrics,
-            "routing": meta.get("routing", {})}
+            "ema": cfg.optim.ema.enabled, "routing": meta.get("routing", {})}
 
 
 def exit_curve_checkpoint(ckpt: str | Path, thresholds: list[float], *, data_path: str | None = None,

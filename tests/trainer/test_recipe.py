@@ -263,6 +263,15 @@ def test_recipe_resumes_exactly_on_other_world_and_ep_size(job_file, tmp_path, f
     evals = [json.loads(x) for x in (tmp_path / "runs" / "full" / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "eval"]
     assert [e["ema"] for e in evals] == [True, True]
+    # condmoe eval of the checkpoint evaluates its EMA too, on one process (ep 2 -> 1)
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import tiny_models; "
+            "from condmoe.trainer import evaluate_checkpoint; "
+            "print(json.dumps(evaluate_checkpoint(sys.argv[2], max_batches=1)))")
+    p = subprocess.run([sys.executable, "-c", code, str(HERE), str(ckpts[1])], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["ema"] is True and 0.0 <= res["eval_accuracy"] <= 1.0 and res["eval_samples"] == 128
 
 
 def test_readme_recipe_example_validates():
