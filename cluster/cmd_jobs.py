@@ -64,9 +64,22 @@ def _status(args: argparse.Namespace) -> int:
     from . import jobs
 
     st = jobs.status(args.job_id, address=args.address, token=args.token)
-    print(json.dumps(st, default=str) if args.json else f"{st['job_id']}: {st['status']}"
-          + (f" ({st['message']})" if st.get("message") else ""))
+    st.update(jobs.worker_history(args.job_id, address=args.address, token=args.token))
+    if args.json:
+        print(json.dumps(st, default=str))
+        return 0
+    print(f"{st['job_id']}: {st['status']}" + (f" ({st['message']})" if st.get("message") else ""))
+    if st["workers"] is not None:
+        print(f"workers: {st['workers']}" + _resize_text(st["last_resize"], st["attempts"]))
     return 0
+
+
+def _resize_text(resize: dict | None, attempts: int) -> str:
+    if resize is None:
+        return f" (no resize; {attempts} attempt{'s' if attempts != 1 else ''})"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(resize["time"]))
+    return (f" (last resize {resize['from']} -> {resize['to']} at step {resize['step']}, {when}, "
+            f"{max(0.0, time.time() - resize['time']):.0f} s ago)")
 
 
 def _stop(args: argparse.Namespace) -> int:

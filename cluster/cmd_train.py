@@ -46,6 +46,8 @@ def _train(args: argparse.Namespace) -> int:
             res = load_and_launch(resolve_job(args.job), overrides, resume=args.resume, address=args.address)
     except RuntimeError as exc:  # ray.train's TrainingFailedError and friends
         return training_failed("train", exc)
+    if res.stopped:
+        return _stopped(res, args.json)
     if res.error:
         return training_failed("train", res.error)
     m = res.metrics
@@ -61,6 +63,24 @@ def _train(args: argparse.Namespace) -> int:
               f"(early-exit rate {m['eval_exit_rate']:.3f})")
     print(f"checkpoint: {res.checkpoint}")
     return 0
+
+
+def _stopped(res, as_json: bool) -> int:
+    """condmoe train got SIGTERM / Ctrl-C: say where it stopped; exit 128 + the signal's number."""
+    import signal
+    import sys
+
+    step = res.metrics.get("step")
+    if as_json:
+        print(json.dumps({"stopped": res.stopped, "metrics": res.metrics, "checkpoint": str(res.checkpoint),
+                          "run_dir": str(res.run_dir), "error": res.error}, default=str))
+    if res.error:
+        print(f"condmoe train: stopped by {res.stopped} without a new checkpoint ({res.error}); the newest one "
+              f"in {res.run_dir} stays", file=sys.stderr)
+    else:
+        print(f"condmoe train: stopped by {res.stopped} after step {step}; checkpoint {res.checkpoint} (the same "
+              "command resumes there)", file=sys.stderr)
+    return 128 + int(getattr(signal, res.stopped, signal.SIGTERM))
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -141,6 +141,31 @@ def logs(job_id: str, *, address: str | None, token: str | None = None, follow: 
     return "".join(chunks)
 
 
+def parse_attempts(text: str) -> dict:
+    """The worker-group attempts in a job's logs (the lines condmoe.cluster.sinks.AttemptLogSink writes):
+    ``{"workers": N or None, "attempts": count, "last_resize": {"from", "to", "step", "time"} or None}``."""
+    import re
+
+    from .sinks import ATTEMPT_RE
+
+    seen: list[tuple[int, int, float]] = []
+    for m in re.finditer(ATTEMPT_RE, text):
+        attempt = (int(m.group(1)), int(m.group(2)), float(m.group(3)))
+        if attempt not in seen:  # Ray may print a forwarded line twice
+            seen.append(attempt)
+    seen.sort(key=lambda a: a[2])
+    resize = None
+    for (w0, _, _), (w1, step, t) in zip(seen, seen[1:]):
+        if w1 != w0:
+            resize = {"from": w0, "to": w1, "step": step, "time": t}
+    return {"workers": seen[-1][0] if seen else None, "attempts": len(seen), "last_resize": resize}
+
+
+def worker_history(job_id: str, *, address: str | None, token: str | None = None) -> dict:
+    """The job's current worker count and its last resize (:func:`parse_attempts` of its logs)."""
+    return parse_attempts(client(address, token).get_job_logs(job_id))
+
+
 def stop(job_id: str, *, address: str | None, token: str | None = None) -> bool:
     """Ask the cluster to stop the job; True if a stop was requested."""
     return bool(client(address, token).stop_job(job_id))

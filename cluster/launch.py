@@ -15,6 +15,15 @@ workers upload each checkpoint themselves and commit it with meta.json
 a local folder per node (storage.local_dir) and are copied to ``<run>/logs/``.
 The preflight writes a probe object there first, so a bad bucket, endpoint or
 credentials fail in one line before Ray starts.
+
+``cluster.workers: [min, max]`` makes the ScalingConfig elastic: Ray Train starts
+as many workers as fit and restarts the group at another size when nodes leave or
+join; each attempt resumes from the newest checkpoint through the portable path
+with its world's ep_size and gradient accumulation (JobConfig.for_world).
+SIGTERM to a worker, a drain of its node, or SIGTERM / Ctrl-C to this driver make
+the workers checkpoint at the next step and stop (condmoe.cluster.preempt); the
+driver then shuts down the controller, the exporter and an embedded Ray, and ends
+every process that embedded Ray started.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +61,7 @@ class LaunchResult:
     run_dir: Path
     error: str | None = None
     exporter_url: str | None = None
+    stopped: str | None = None  # SIGTERM / SIGINT: condmoe train was stopped (checkpoint at the last step)
 
 
 def check_address(address: str, timeout: float = 3.0) -> None:
@@ -104,12 +115,13 @@ def preflight(cfg: JobConfig, *, resume: str | None = None, address: str | None 
     # the job's storage: section (endpoint, region, profile) for this process's own S3 calls: these
     # checks and Ray Train's storage; the workers get it through worker_env
     os.environ.update(cfg.storage.env())
-    cfg.check_topology(cfg.cluster.workers)
+    for world in cfg.cluster.world_sizes():  # an elastic job may run on any of them
+        cfg.check_topology(world)
     if cfg.cluster.use_gpu and cfg.cluster.gpu_check and not address:
-        require_local_gpus(cfg.cluster.workers)  # the embedded Ray gets this machine's GPUs
+        require_local_gpus(cfg.cluster.min_workers)  # the embedded Ray gets this machine's GPUs
     from condmoe.trainer.engine import check_model  # builds the model: a bad option fails before Ray
 
-    check_model(cfg, cfg.cluster.workers)
+    check_model(cfg, cfg.cluster.max_workers)
     check_data(cfg)
     check_storage(cfg)
     if address:
@@ -122,6 +134,7 @@ def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry: run the one train loop, reporting to Ray Train."""
     import ray.train
 
+    from condmoe.cluster.preempt import Preempted, WorkerStop
     from condmoe.cluster.ray_logs import quiet_train_reports
     from condmoe.cluster.sinks import job_sinks
     from condmoe.trainer.loop import train
@@ -135,7 +148,10 @@ def train_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     if cfg.cluster.use_gpu:  # this worker's GPU as Ray assigned it (trainer/device.py looks it up)
         os.environ[GPU_IDS_ENV] = ",".join(str(i) for i in ray.get_gpu_ids())
-    train(cfg, sinks=job_sinks(cfg, rank, ray_train=True), resume=resume)
+    with WorkerStop(config.get("stop_key"), cfg.cluster.preempt_grace_s) as stop:
+        res = train(cfg, sinks=job_sinks(cfg, rank, ray_train=True), resume=resume, stop=stop)
+    if res.stopped == "preempt":  # an error, so Ray Train restarts the group: it resumes at res.checkpoint
+        raise Preempted(f"preempted after step {res.step} (checkpoint {res.checkpoint}); restarting")
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:
@@ -156,7 +172,7 @@ def _init_ray(cfg: JobConfig, address: str | None) -> bool:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return True
     # address="local": always a fresh embedded instance, never a cluster that happens to run here
-    need = max(2, int(cfg.cluster.workers * cfg.cluster.cpus_per_worker + 1))
+    need = max(2, int(cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + 1))
     # with the dashboard (127.0.0.1): Ray Train's placement-group cleaner polls the State API it
     # serves, and warns every second without it
     ctx = ray.init(address="local", num_cpus=need, include_dashboard=True, runtime_env=env,
@@ -172,46 +188,74 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     resume = preflight(cfg, resume=resume, address=address)
     os.environ.update(_DRIVER_ENV)
+    # Ray Train's controller reads it from the driver's environment: how long a worker group may wait for
+    # its resources (after a node loss an elastic job retries with the workers that fit)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.cluster.start_timeout_s)
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from condmoe.cluster.exporter_hosts import start_job_exporter
 
+    before = _descendants()
     started = _init_ray(cfg, address)
     if cfg.cluster.use_gpu and cfg.cluster.gpu_check:
         try:  # before the exporter and Ray Train start: a cluster without the GPUs fails in one line
-            require_cluster_gpus(cfg.cluster.workers, ray.cluster_resources(), address or "the embedded Ray")
+            require_cluster_gpus(cfg.cluster.min_workers, ray.cluster_resources(), address or "the embedded Ray")
         except DeviceError:
             if started:
                 ray.shutdown()
             raise
     exporter = start_job_exporter(cfg)  # one Prometheus exporter per job (head node); logs its URL
+    from condmoe.cluster.preempt import DriverSignals, clear_stop, stop_key, wait_for_fit
+
+    key = stop_key(cfg.run_name, uuid.uuid4().hex)
+    outcome = None
     try:
-        cl = cfg.cluster
-        resources = {"CPU": cl.cpus_per_worker}
-        if cl.use_gpu:
-            resources["GPU"] = 1
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"job": cfg.model_dump(mode="json"), "resume": resume},
-            torch_config=TorchConfig(backend=process_group_backend(cl.use_gpu),
-                                     timeout_s=int(cl.timeout_s)),
-            scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=cl.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=cfg.run_name, **_ray_storage(cfg),
-                                 failure_config=FailureConfig(max_failures=cl.max_failures),
-                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
-        )
-        result = trainer.fit()
+        trainer = _trainer(cfg, resume, key)
+        with DriverSignals() as signals:  # SIGTERM / Ctrl-C: checkpoint at the next step, then stop
+            outcome = wait_for_fit(trainer.fit, signals, key, cfg.cluster.preempt_grace_s)
+        if outcome.error is not None and not outcome.signal:
+            raise outcome.error
+        result = outcome.result
+        if result is None:  # stopped, and the workers failed or did not return in time
+            why = repr(outcome.error) if outcome.error else "the workers did not stop in time"
+            return LaunchResult(metrics={}, checkpoint=None, run_dir=cfg.run_dir, exporter_url=exporter.url,
+                                stopped=outcome.signal, error=why)
         ckpt = _checkpoint_location(result.checkpoint)
         err = repr(result.error) if getattr(result, "error", None) else None
-        return LaunchResult(metrics=dict(result.metrics or {}), checkpoint=ckpt,
-                            run_dir=cfg.run_dir, error=err, exporter_url=exporter.url)
+        return LaunchResult(metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=cfg.run_dir,
+                            error=err, exporter_url=exporter.url, stopped=outcome.signal or None)
     finally:
-        exporter.stop()
+        stopping = outcome is not None and bool(outcome.signal)
+        exporter.stop(final_scrape_timeout_s=2.0 if stopping else 15.0)
+        clear_stop(key)
         if started:
+            ours = [p for p in _descendants() if p.pid not in before]
             ray.shutdown()
+            _end_processes(ours)  # what the embedded Ray started and its shutdown left running
+
+
+def _trainer(cfg: JobConfig, resume: str | None, key: str):
+    """The job's TorchTrainer: fixed or elastic ScalingConfig, condmoe's stop handling on every worker."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from condmoe.cluster.preempt import StopTorchConfig
+
+    cl = cfg.cluster
+    resources = {"CPU": cl.cpus_per_worker, **cl.resources_per_worker}
+    if cl.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": cfg.model_dump(mode="json"), "resume": resume, "stop_key": key},
+        torch_config=StopTorchConfig(backend=process_group_backend(cl.use_gpu), timeout_s=int(cl.timeout_s),
+                                     grace_s=cl.preempt_grace_s),
+        scaling_config=ScalingConfig(num_workers=cl.workers, use_gpu=cl.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=cl.resize_interval_s),
+        run_config=RunConfig(name=cfg.run_name, **_ray_storage(cfg),
+                             failure_config=FailureConfig(max_failures=cl.max_failures),
+                             worker_runtime_env={"env_vars": worker_env(cfg)}),
+    )
 
 
 def _ray_storage(cfg: JobConfig) -> dict:
@@ -229,6 +273,33 @@ def _checkpoint_location(ckpt) -> Path | str | None:
     if ckpt is None:
         return None
     return Path(ckpt.path) if ckpt.filesystem.type_name == "local" else f"s3://{ckpt.path}"
+
+
+def _descendants() -> list:
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _end_processes(procs: list, timeout_s: float = 10.0) -> None:
+    """Wait for ``procs`` (psutil) to exit, then SIGTERM and SIGKILL what is left; logs what it ended."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for sig in ("terminate", "kill"):
+        if not alive:
+            return
+        log.info("ending %d leftover process(es) of the embedded Ray: %s", len(alive),
+                 ", ".join(str(p.pid) for p in alive))
+        for proc in alive:
+            try:
+                getattr(proc, sig)()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=5.0)
 
 
 def load_and_launch(path: str, overrides: list[str] | None = None, *, resume: str | None = None,

@@ -24,6 +24,8 @@ exporter's process (RoutingStats travel as they are), every key optional::
     step_seconds, data_wait_seconds, checkpoint_seconds: list[float]  observations
     bad_samples: {reason: int}                 new skipped samples
     restart: bool             a new worker group (after a failure) attached
+    world_size: int           workers of the attempt that starts (a change counts a resize)
+    stops: [str]              checkpoints written to stop early, by reason ("preempt", "stop")
 """
 
 from __future__ import annotations
@@ -109,11 +111,21 @@ class JobMetrics:
         self.ckpt = Histogram("condmoe_checkpoint_duration_seconds", "Wall time of one checkpoint save", lj,
                               buckets=CKPT_BUCKETS, registry=r)
         self.restarts = Counter("condmoe_worker_restarts", "Worker-group restarts after failures", lj, registry=r)
+        self.world_size = Gauge("condmoe_train_world_size", "Training workers of the current attempt", lj,
+                                registry=r)
+        self.resizes = Counter("condmoe_train_resizes", "Worker groups that started at another world size than "
+                               "the one before (elastic jobs: a node lost or back)", lj, registry=r)
+        self.stop_checkpoints = Counter("condmoe_preemption_checkpoints", "Checkpoints written at a step "
+                                        "boundary to stop early: reason preempt (SIGTERM to a worker, node "
+                                        "drain) or stop (condmoe train stopped)", ("job", "reason"), registry=r)
+        self._world: int | None = None
         self.updated = Gauge("condmoe_last_update_timestamp_seconds", "Unix time of the last update", lj,
                              registry=r)
         # create the label-less-per-job series up front, so every family is in the exposition from the start
-        for metric in (self.steps, self.samples, self.restarts):
+        for metric in (self.steps, self.samples, self.restarts, self.resizes, self.world_size):
             metric.labels(job)
+        for reason in ("preempt", "stop"):
+            self.stop_checkpoints.labels(job, reason)
         self.step_time.labels(job)
         self.data_wait.labels(job)
         self.ckpt.labels(job)
@@ -145,6 +157,14 @@ class JobMetrics:
                 self.bad.labels(job, str(reason)).inc(n)
         if update.get("restart"):
             self.restarts.labels(job).inc()
+        if update.get("world_size"):
+            world = int(update["world_size"])
+            if self._world is not None and world != self._world:
+                self.resizes.labels(job).inc()
+            self._world = world
+            self.world_size.labels(job).set(world)
+        for reason in update.get("stops") or ():
+            self.stop_checkpoints.labels(job, str(reason)).inc()
         self.updated.labels(job).set(time.time())
 
     def _apply_layer(self, name: str, s: RoutingStats) -> None:

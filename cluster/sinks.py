@@ -32,7 +32,8 @@ from condmoe.routing import accumulate_stats
 from condmoe.trainer.config import JobConfig
 from condmoe.trainer.storage import is_remote
 from condmoe.trainer.loop import default_sinks
-from condmoe.trainer.records import CheckpointRecord, EvalRecord, MetricsSink, Record, RestartRecord, StepRecord
+from condmoe.trainer.records import (CheckpointRecord, EvalRecord, MetricsSink, Record, RestartRecord, StepRecord,
+                                     StopRecord)
 
 from .exporter_hosts import ExporterProcess, find_job_exporter
 from .parquet_log import ParquetLog
@@ -66,6 +67,14 @@ class PrometheusSink:
             self._pushed_step = record.step
             if self.rank == 0 and self._attach is not None and self._attach(uuid.uuid4().hex):
                 log.info("worker group restarted (resuming at step %d)", record.step)
+            if self.rank == 0:
+                u["world_size"] = record.world_size
+                self._send(record.step)
+            return
+        if isinstance(record, StopRecord):
+            if self.rank == 0:
+                u["stops"] = [record.reason]
+                self._send(record.step, wait=True)  # the worker may be gone soon
             return
         if isinstance(record, StepRecord):
             u["data_wait_seconds"] += record.data_wait_seconds
@@ -104,6 +113,26 @@ class PrometheusSink:
         finally:
             if self._on_close is not None:
                 self._on_close()
+
+
+ATTEMPT_LINE = "condmoe attempt: {world} workers from step {step} at {time:.1f}"
+ATTEMPT_RE = r"condmoe attempt: (\d+) workers from step (\d+) at ([0-9.]+)"
+
+
+class AttemptLogSink:
+    """Rank 0 logs one line per attempt of the worker group (:data:`ATTEMPT_LINE`): the job's logs then
+    hold its world size over time, which ``condmoe status`` reads (condmoe.cluster.jobs.worker_history)
+    wherever the Jobs API answers, without the run directory or the exporter."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def write(self, record: Record) -> None:
+        if self.rank == 0 and isinstance(record, RestartRecord):
+            log.info(ATTEMPT_LINE.format(world=record.world_size, step=record.step, time=record.time))
+
+    def close(self) -> None:
+        pass
 
 
 class RayTrainSink:
@@ -248,7 +277,7 @@ def job_sinks(cfg: JobConfig, rank: int, *, ray_train: bool,
     if prom is not None:
         sinks.append(prom)
     if ray_train:
-        sinks.append(RayTrainSink(cfg))
+        sinks += [RayTrainSink(cfg), AttemptLogSink(rank)]
     if cfg.remote_storage:  # after the log writers: their lines of a record are on disk when it syncs
         sinks.append(LogUploadSink(cfg, rank))
     return sinks

@@ -291,7 +291,10 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRES
 class ClusterConfig(_Section):
     """Ray placement, storage and fault tolerance."""
 
-    workers: int = Field(2, ge=1, description="training workers (Ray Train ScalingConfig)")
+    workers: int | tuple[int, int] = Field(
+        2, description="training workers (Ray Train ScalingConfig): an int is a fixed size; [min, max] is an "
+                       "elastic job that runs on as many workers as fit, from min to max, and resizes when "
+                       "nodes leave or join (JobConfig.for_world: ep_size and grad_accum per world size)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     use_gpu: bool = Field(False, description="one GPU per worker, nccl backend (trainer/device.py)")
     gpu_check: bool = Field(
@@ -303,14 +306,51 @@ class ClusterConfig(_Section):
     storage_path: str = Field(
         "runs", description="run storage root: a path every node sees, or s3://bucket/prefix (checkpoints "
                             "and Ray Train's run state there; logs in storage.local_dir)")
-
     name: str | None = Field(None, description="run name (default: the job file's stem)")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts allowed (-1: unlimited)")
     timeout_s: float = Field(1800.0, gt=0, description="distributed init/collective timeout")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="further Ray resources each worker needs, over CPU (and GPU), e.g. "
+                                          "{trainer: 1} to place one worker per node that offers one")
+    preempt_grace_s: float = Field(
+        30.0, gt=0, description="seconds from SIGTERM, a node drain notice or a stop of condmoe train until "
+                                "the checkpoint at the next step boundary must be committed; past it the worker "
+                                "exits and the previous checkpoint stays the latest")
+    resize_interval_s: float = Field(
+        60.0, ge=0, description="elastic jobs: how often Ray Train checks whether more workers fit "
+                                "(a job grows back this long after capacity returns, at most)")
+    start_timeout_s: float = Field(
+        60.0, gt=0, description="seconds Ray Train waits for the resources of a worker group before it "
+                                "retries (an elastic job retries with the workers that fit)")
     env: dict[str, str | int | float] = Field(
         default_factory=dict,
         description="environment variables of the training workers, over condmoe's defaults "
                     "(WORKER_MALLOC_ENV); an empty value leaves that variable unset")
+
+    @field_validator("workers", mode="after")
+    @classmethod
+    def _check_workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if low < 1 or high < low:
+            raise ValueError(f"workers must be >= 1 or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        """True for ``workers: [min, max]``."""
+        return isinstance(self.workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    def world_sizes(self) -> range:
+        """Every worker count the job may run on."""
+        return range(self.min_workers, self.max_workers + 1)
 
     def worker_env(self) -> dict[str, str]:
         """The training workers' environment additions: malloc defaults, then ``env``."""
@@ -395,6 +435,8 @@ class JobConfig(_Section):
             raise ValueError(
                 f"model.ep_size={self.model.ep_size} does not divide model.experts={self.model.experts}"
             )
+        for world in self.cluster.world_sizes() if self.cluster.elastic else ():
+            self.micro_batch(world)  # an elastic job must keep its global batch at every size it may run on
         return self
 
     @property
@@ -441,7 +483,23 @@ class JobConfig(_Section):
         return max(stage, 1) if ds.bf16 else stage
 
     def micro_batch(self, world_size: int) -> int:
-        """Per-worker micro batch: data.batch_size / (world_size * grad_accum), exact."""
+        """Per-worker micro batch: data.batch_size / (world_size * grad_accum), exact.
+
+        An elastic job (``cluster.workers: [min, max]``) keeps one micro batch at every size,
+        data.batch_size / (max * optim.grad_accum), and must fit it a whole number of times per worker
+        into data.batch_size at ``world_size`` (see :meth:`grad_accum_for`).
+        """
+        cl, batch = self.cluster, self.data.batch_size
+        if cl.elastic:
+            top = cl.max_workers * self.optim.grad_accum
+            if batch % top:
+                raise ConfigError(f"cluster.workers={list(cl.workers)}: data.batch_size={batch} is not divisible "
+                                  f"by max workers*grad_accum={top}")
+            micro = batch // top
+            if batch % (world_size * micro):
+                raise ConfigError(f"cluster.workers={list(cl.workers)}: on {world_size} workers data.batch_size="
+                                  f"{batch} is not a whole number of micro-batches of {micro} per worker")
+            return micro
         denom = world_size * self.optim.grad_accum
         if self.data.batch_size % denom:
             raise ConfigError(
@@ -449,13 +507,50 @@ class JobConfig(_Section):
             )
         return self.data.batch_size // denom
 
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-steps per optimiser step on ``world_size`` workers: optim.grad_accum for a fixed size; an
+        elastic job takes up the lost workers' share, data.batch_size / (world_size * micro batch), so its
+        global batch stays data.batch_size."""
+        if not self.cluster.elastic:
+            return self.optim.grad_accum
+        return self.data.batch_size // (world_size * self.micro_batch(world_size))
+
+    def ep_size_for(self, world_size: int) -> int:
+        """The expert-parallel size on ``world_size`` workers: model.ep_size for a fixed size, the
+        :func:`elastic_ep_size` rule for an elastic job."""
+        if not self.cluster.elastic:
+            return self.model.ep_size
+        return elastic_ep_size(self.model.experts, self.model.ep_size, world_size)
+
+    def for_world(self, world_size: int) -> "JobConfig":
+        """The config one attempt runs on ``world_size`` workers (what the engine, the checkpoint load and the
+        loader read): the job itself for a fixed size; for an elastic job a copy fixed at ``world_size``
+        with :meth:`ep_size_for` and :meth:`grad_accum_for` applied."""
+        if not self.cluster.elastic:
+            return self
+        if world_size not in self.cluster.world_sizes():
+            raise ConfigError(f"cluster.workers={list(self.cluster.workers)}: cannot run on {world_size} workers")
+        cfg = self.model_copy(deep=True)
+        cfg.optim.grad_accum = self.grad_accum_for(world_size)
+        cfg.model.ep_size = self.ep_size_for(world_size)
+        cfg.cluster.workers = world_size
+        return cfg
+
     def check_topology(self, world_size: int) -> None:
         """Raise ConfigError when the job cannot run on ``world_size`` workers."""
         self.micro_batch(world_size)
-        if self.model.hard_routed and world_size % self.model.ep_size:
+        ep = self.ep_size_for(world_size)
+        if self.model.hard_routed and world_size % ep:
             raise ConfigError(
-                f"model.ep_size={self.model.ep_size} does not divide the worker count {world_size}"
+                f"model.ep_size={ep} does not divide the worker count {world_size}"
             )
+
+
+def elastic_ep_size(experts: int, ep_size: int, world_size: int) -> int:
+    """The expert-parallel size an elastic job runs at on ``world_size`` workers: the largest d <= the
+    configured ``ep_size`` that divides both ``experts`` and ``world_size`` (1 always does), so every
+    worker holds the same number of experts and the expert-parallel groups tile the world."""
+    return max(d for d in range(1, ep_size + 1) if experts % d == 0 and world_size % d == 0)
 
 
 def _format_error(err: ValidationError, source: str) -> str:

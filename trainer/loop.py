@@ -30,8 +30,10 @@ from .config import JobConfig, dump_job
 from .device import placement_of
 from .ema import WeightEma, build_ema
 from .engine import build_engine, setup_distributed
-from .records import CheckpointRecord, EvalRecord, JsonlSink, MetricsSink, Record, RestartRecord, StepRecord
+from .records import (CheckpointRecord, EvalRecord, JsonlSink, MetricsSink, Record, RestartRecord, StepRecord,
+                      StopRecord)
 from .routing_tracker import RoutingTracker, check_finite
+from .stop import REASONS, StopSource, agree
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class TrainResult:
     routing: dict[str, dict] = field(default_factory=dict)   # run totals, all ranks
     checkpoint: Path | None = None
     resumed_from: Path | None = None
+    stopped: str | None = None  # "preempt" or "stop" when a stop source ended the run early (StopRecord)
 
 
 def _allreduce_sum(values: list[float]) -> list[float]:
@@ -220,7 +223,7 @@ def train_step(run: _Run) -> tuple[float, dict[str, RoutingStats]]:
         stats = accumulate_stats(stats, collect_routing_stats(engine.module))
         if run.keys_file is not None:
             run.keys_file.write(json.dumps({"step": run.result.step + 1, "epoch": run.batches.epoch,
-                                            "world": run.world, "pid": os.getpid(),
+                                            "world": run.world, "pid": os.getpid(), "time": time.time(),
                                             "keys": list(batch.keys)}) + "\n")
             run.keys_file.flush()
     if run.ema is not None:  # after the optimiser step (the last micro-step's engine.step())
@@ -284,10 +287,10 @@ def maybe_eval(run: _Run, force: bool = False) -> None:
     run.emit(record)
 
 
-def maybe_save(run: _Run) -> None:
+def maybe_save(run: _Run, force: bool = False) -> None:
     """Every checkpoint.every steps and at the end: write a checkpoint, emit a CheckpointRecord."""
     cfg, step = run.cfg, run.result.step
-    if not _due(step, cfg.checkpoint.every, cfg.optim.steps):
+    if not (force or _due(step, cfg.checkpoint.every, cfg.optim.steps)):
         return
     t0 = time.perf_counter()
     meta = {"ep_size": cfg.model.ep_size, "samples": step * cfg.data.batch_size,
@@ -298,15 +301,42 @@ def maybe_save(run: _Run) -> None:
     run.t_report = time.perf_counter()  # checkpoint time is not training throughput
 
 
+def maybe_stop(run: _Run, stop: StopSource | None) -> bool:
+    """After each step: do the ranks agree to stop (condmoe.trainer.stop: preemption, SIGTERM, Ctrl-C)?
+    Then checkpoint this step (unless its periodic checkpoint was just written), emit a StopRecord and
+    return True. One 1-element all-reduce per step, only for a job with a stop source."""
+    cfg, step = run.cfg, run.result.step
+    if stop is None or step >= cfg.optim.steps:  # the last step ends the run anyway
+        return False
+    code = agree(stop.poll())
+    if not code:
+        return False
+    t0 = time.perf_counter()
+    if not _due(step, cfg.checkpoint.every, cfg.optim.steps):
+        if run.reported_step < step:  # the routing totals the checkpoint keeps: this step's too
+            maybe_log(run, force=True)
+        maybe_save(run, force=True)
+    stop.done()
+    run.result.stopped = REASONS[code]
+    if run.rank == 0:
+        log.warning("stopped after step %d (%s); checkpoint %s", step, REASONS[code], run.result.checkpoint)
+    run.emit(StopRecord(step, REASONS[code], run.result.checkpoint if run.rank == 0 else None,
+                        time.perf_counter() - t0, run.rank))
+    return True
+
+
 def train(cfg: JobConfig, *, sinks: Sequence[MetricsSink] | None = None, resume: str | Path | None = None,
-          loader_factory: LoaderFactory = streaming_loader) -> TrainResult:
+          loader_factory: LoaderFactory = streaming_loader, stop: StopSource | None = None) -> TrainResult:
     """Train ``cfg`` to ``cfg.optim.steps`` optimiser steps; resumes from the newest checkpoint.
 
     resume: explicit checkpoint (or run / checkpoint-root dir); the run's own
         newest checkpoint wins when it exists (restart after a failure).
     sinks: where the records go (default: :func:`default_sinks`); closed at the end, also on error.
+    stop: asked after every step (:func:`maybe_stop`); the result's ``stopped`` says why it ended early.
+    An elastic job runs the config of its current world size (``JobConfig.for_world``).
     """
     rank, world = setup_distributed(cfg)
+    cfg = cfg.for_world(world)  # elastic: this world's ep_size and grad_accum; a fixed size: cfg itself
     sinks = default_sinks(cfg, rank) if sinks is None else list(sinks)
     try:
         engine = build_engine(cfg, world)
@@ -341,6 +371,8 @@ def train(cfg: JobConfig, *, sinks: Sequence[MetricsSink] | None = None, resume:
             maybe_log(run, force=eval_due or save_due)
             maybe_eval(run)
             maybe_save(run)
+            if maybe_stop(run, stop):
+                break
         run.result.routing = run.tracker.state_dict()
         if run.keys_file is not None:
             run.keys_file.close()

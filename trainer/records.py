@@ -7,6 +7,7 @@ event and hands it to every sink of the job, on every rank:
     StepRecord        every report interval (metrics.log_every, and before eval/checkpoint)
     EvalRecord        after an evaluation over the whole eval split
     CheckpointRecord  after a checkpoint was written (path on rank 0 only)
+    StopRecord        the run stopped early at a step all ranks agreed on, checkpoint written (preemption)
 
 A sink is anything with ``write(record)`` and ``close()`` (:class:`MetricsSink`).
 The loop closes the sinks it was given when the run ends, also on error. The
@@ -34,6 +35,7 @@ class RestartRecord:
     world_size: int
     resumed_from: Path | None = None
     rank: int = 0
+    time: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,25 @@ class CheckpointRecord:
     rank: int = 0
 
 
-Record = Union[RestartRecord, StepRecord, EvalRecord, CheckpointRecord]
+@dataclass(frozen=True)
+class StopRecord:
+    """The run stopped early after ``step`` with a checkpoint there (condmoe.trainer.stop).
+
+    reason: "preempt" (SIGTERM to a worker or a node-drain notice: the job restarts from that
+    checkpoint) or "stop" (condmoe train itself was stopped: SIGTERM or Ctrl-C). ``checkpoint`` on
+    rank 0 (None elsewhere); ``seconds`` to write it (0 when the step's periodic checkpoint was
+    already written).
+    """
+
+    step: int
+    reason: str
+    checkpoint: Path | None
+    seconds: float
+    rank: int = 0
+    time: float = field(default_factory=time.time)
+
+
+Record = Union[RestartRecord, StepRecord, EvalRecord, CheckpointRecord, StopRecord]
 
 
 class MetricsSink(Protocol):
@@ -112,7 +132,8 @@ class JsonlSink:
     per layer (per-step rows are the Parquet log's); other ranks write nothing.
     """
 
-    KINDS = {RestartRecord: "restart", StepRecord: "step", EvalRecord: "eval", CheckpointRecord: "checkpoint"}
+    KINDS = {RestartRecord: "restart", StepRecord: "step", EvalRecord: "eval", CheckpointRecord: "checkpoint",
+             StopRecord: "stop"}
 
     def __init__(self, path: str | Path, rank: int = 0) -> None:
         self.path, self.rank = Path(path), rank
