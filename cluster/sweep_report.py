@@ -5,8 +5,9 @@ and standard deviation over seeds of every variant (summary.md, summary.csv)
 and PNG plots (matplotlib, Agg):
 
 - ``accuracy_vs_madds.png``: accuracy against multiply-adds per image, one
-  point per variant (error bars: std over seeds), the Pareto front (no other
-  variant is both cheaper and more accurate) drawn as a line, static
+  point per variant (error bars: std over seeds), the Pareto front (the points,
+  variants' and exit curves', that nothing beats on both cost and accuracy)
+  drawn as a line, static
   baselines (no routed layer with more than one expert) as hollow squares,
   early-exit curves (mean over seeds, from each trial's exit_curve.json) as
   lines with their thresholds;
@@ -122,12 +123,14 @@ def plot_accuracy_vs_madds(variants: list[dict], path: Path, title: str) -> Path
     pts = [(v["macs_per_sample_mean"] / 1e6, 100 * v["accuracy_mean"]) for v in variants
            if v["macs_per_sample_mean"] is not None and v["accuracy_mean"] is not None]
     shown = [v for v in variants if v["macs_per_sample_mean"] is not None and v["accuracy_mean"] is not None]
+    candidates = list(pts)  # the front runs over the variants and every point of their exit curves
     for i, v in enumerate(shown):
         curve = mean_curve(v["curves"])
         color = f"C{i % 10}"
         if curve:
             xs = [c["macs_per_sample"] / 1e6 for c in curve]
             ys = [100 * c["accuracy"] for c in curve]
+            candidates += list(zip(xs, ys))
             ax.plot(xs, ys, "-", color=color, alpha=0.55, linewidth=1.2, marker=".", markersize=4,
                     label=f"{v['label']}: early exit")
             for c, x, y in zip(curve, xs, ys):
@@ -140,13 +143,13 @@ def plot_accuracy_vs_madds(variants: list[dict], path: Path, title: str) -> Path
                     markerfacecolor="white" if v["static"] else color, capsize=3, zorder=3,
                     label=v["label"] + (" (static)" if v["static"] else ""))
         ax.annotate(v["label"], (x, y), fontsize=7, textcoords="offset points", xytext=(5, 4))
-    front = pareto_front(pts)
+    front = pareto_front(candidates)
     if len(front) > 1:
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="black", alpha=0.5,
-                linewidth=1, zorder=2, label="Pareto front")
+        ax.plot([candidates[i][0] for i in front], [candidates[i][1] for i in front], "--", color="black",
+                alpha=0.5, linewidth=1, zorder=2, label="Pareto front")
     elif front:
-        ax.scatter([pts[front[0]][0]], [pts[front[0]][1]], s=160, facecolors="none", edgecolors="black",
-                   label="Pareto front", zorder=2)
+        ax.scatter([candidates[front[0]][0]], [candidates[front[0]][1]], s=160, facecolors="none",
+                   edgecolors="black", label="Pareto front", zorder=2)
     ax.set_xlabel("multiply-adds per image (M)")
     ax.set_ylabel("accuracy on the whole eval split (%)")
     ax.set_title(title, fontsize=10)
