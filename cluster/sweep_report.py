@@ -222,6 +222,53 @@ def table_markdown(variants: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def exit_summary(paths: list[str]) -> dict | None:
+    """One variant's exit curves (its seeds averaged): the full model, the light stage alone, and the
+    cheapest threshold whose accuracy stays within 0.3 and within 1 point of the full model's (read on
+    the evaluation split: a description of the curve, not a tuned threshold)."""
+    data = []
+    for p in paths:
+        try:
+            data.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError):
+            continue
+    curve = mean_curve(paths)
+    if not data or not curve:
+        return None
+
+    def mean(part: str, key: str) -> float:
+        return sum(d[part][key] for d in data) / len(data)
+
+    out = {"full_accuracy": mean("full", "accuracy"), "full_macs": mean("full", "macs_per_sample"),
+           "light_accuracy": mean("light", "accuracy"), "light_macs": mean("light", "macs_per_sample")}
+    for drop in (0.003, 0.01):
+        ok = [c for c in curve if c["accuracy"] >= out["full_accuracy"] - drop - 1e-12]
+        out[f"within_{drop}"] = min(ok, key=lambda c: c["macs_per_sample"]) if ok else None
+    return out
+
+
+def exit_table_markdown(variants: list[dict]) -> str:
+    rows = [(v, exit_summary(v["curves"])) for v in variants if v["curves"]]
+    rows = [(v, e) for v, e in rows if e is not None]
+    if not rows:
+        return ""
+    lines = ["| variant | full: accuracy %, MAdds (M) | light stage alone | cheapest within 0.3 points "
+             "| cheapest within 1 point |", "|---|---|---|---|---|"]
+
+    def point(c: dict | None, full_macs: float) -> str:
+        if c is None:
+            return "-"
+        return (f"t={c['threshold']:g}: {100 * c['accuracy']:.2f}%, {c['macs_per_sample'] / 1e6:.3f}M "
+                f"({c['macs_per_sample'] / full_macs:.2f}x), exit {c['exit_rate']:.2f}")
+
+    for v, e in rows:
+        lines.append(f"| {v['label']} | {100 * e['full_accuracy']:.2f}%, {e['full_macs'] / 1e6:.3f}M "
+                     f"| {100 * e['light_accuracy']:.2f}%, {e['light_macs'] / 1e6:.3f}M "
+                     f"({e['light_macs'] / e['full_macs']:.2f}x) | {point(e['within_0.003'], e['full_macs'])} "
+                     f"| {point(e['within_0.01'], e['full_macs'])} |")
+    return "Early exit (mean curve over seeds, on the evaluation split):\n\n" + "\n".join(lines)
+
+
 def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> tuple[list[Path], str]:
     """Write summary.md, summary.csv and the PNGs into ``out_dir`` (default SWEEP/report);
     returns (paths, the markdown table)."""
@@ -233,6 +280,9 @@ def write_sweep_report(sweep_dir: str | Path, out_dir: str | Path | None = None)
     name = sweep_dir.name
     text = f"sweep {name}: {len(rows)} trials, {len(variants)} variants (mean ± std over seeds)\n\n" \
            + table_markdown(variants)
+    exits = exit_table_markdown(variants)
+    if exits:
+        text += "\n\n" + exits
     (out / "summary.md").write_text(text + "\n")
     _write_csv(variants, out / "summary.csv")
     paths = [out / "summary.md", out / "summary.csv",

@@ -113,9 +113,11 @@ def _fake_sweep(tmp_path: Path) -> Path:
             if curve:
                 path = sweep / f"curve{seed}.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"curve": [
-                    {"threshold": t, "accuracy": 0.70 + 0.16 * t, "exit_rate": 1 - t,
-                     "macs_per_sample": 0.4e6 + 1.2e6 * t} for t in (0.0, 0.5, 0.9, 1.0)]}))
+                path.write_text(json.dumps({
+                    "full": {"accuracy": 0.86, "macs_per_sample": 1.6e6}, "light": {"accuracy": 0.70,
+                                                                                     "macs_per_sample": 0.4e6},
+                    "curve": [{"threshold": t, "accuracy": 0.70 + 0.16 * t, "exit_rate": 1 - t,
+                               "macs_per_sample": 0.4e6 + 1.2e6 * t} for t in (0.0, 0.5, 0.9, 0.95, 1.0)]}))
             rows.append({"sweep": "fake", "trial": f"{variant}-{seed}", "variant": variant, "seed": seed,
                          "model": "m", "accuracy": acc + 0.01 * seed, "macs_per_sample": macs, "exit_rate": 0.0,
                          "params": params, "wall_s": 10.0, "images_per_s": 100.0, "static": static,
@@ -137,6 +139,9 @@ def test_report_table_and_plots(tmp_path):
     assert main(["sweep", "report", str(sweep), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "summary.md").read_text()
     assert "| static (static) | 2 | 80.50 ± 0.71 |" in md and "| routed | 2 | 84.50 ± 0.71 |" in md
+    # the exit curve read the papers' way: the light stage alone, the cheapest point within 0.3 / 1 point
+    assert "| exit | 86.00%, 1.600M | 70.00%, 0.400M (0.25x) | t=1: 86.00%, 1.600M (1.00x), exit 0.00 " \
+           "| t=0.95: 85.20%, 1.540M (0.96x), exit 0.05 |" in md
     for name in ("accuracy_vs_madds.png", "params_vs_accuracy.png", "diversity.png"):
         img = mpimg.imread(tmp_path / "rep" / name)
         assert img.shape[0] > 300 and img.shape[1] > 600
