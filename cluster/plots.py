@@ -78,7 +78,7 @@ def _diversity_plot(rows: list[dict], path: Path) -> list[Path]:
         ax.plot(steps, [r["mixture_entropy"] for r in lrows], color=color, linestyle="--", alpha=0.6,
                 label=f"{name} mixture entropy")
     ax.set_xlabel("step")
-    ax.set_ylabel("0..1")
+    ax.set_ylabel("diversity (solid), mixture\nentropy (dashed), 0..1", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title("routing diversity across images (0: the same mixture for every image)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
