@@ -9,9 +9,9 @@ APT_PACKAGES := dataset-fashion-mnist prometheus
 PYTEST_ARGS ?=
 RESULTS_ARGS ?=
 
-.PHONY: setup system-deps demo test bench results clean
+.PHONY: setup system-deps ds-ops demo test bench results clean
 
-setup: $(STAMP) system-deps
+setup: $(STAMP) system-deps ds-ops
 
 # The venv: torch first, pinned (the CPU wheel on this machine's disk), then condmoe itself.
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +32,11 @@ system-deps:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "apt-get not found: Fashion-MNIST and prometheus unavailable (digits fallback)"; fi; \
 	fi
+
+# DeepSpeed compiles its CPU collective op on first use (1-2 minutes on 2 cores): once here, not
+# inside the first job or test (cached under ~/.cache/torch_extensions; a no-op afterwards).
+ds-ops: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m condmoe.trainer.ds_ops
 
 demo: setup
 	$(VENV)/bin/condmoe demo

@@ -190,6 +190,11 @@ def _ep_worker(rank: int, world: int, port: int, batch: int, experts: int, round
     from condmoe.routing.models.topk_moe_cnn import conv_expert
     from condmoe.routing.topk_moe import ImageExpert, TopKMoE
 
+    from condmoe.trainer.ds_ops import load_ops
+
+
+    load_ops()  # clears a build lock left by a killed process
+
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     shape = (32, 7, 7)  # topk_moe_cnn "small" tokens
     d = shape[0] * shape[1] * shape[2]

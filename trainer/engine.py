@@ -48,6 +48,9 @@ def setup_distributed(cfg: JobConfig) -> tuple[int, int]:
     activate(placement)
     import deepspeed
 
+    from .ds_ops import load_ops
+
+    load_ops()  # before DeepSpeed loads them: a lock file left by a killed process is cleared
     if not dist.is_initialized():
         for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                            ("MASTER_ADDR", "127.0.0.1")):

@@ -35,6 +35,9 @@ def _join(rank: int, world: int, port: int) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    from condmoe.trainer.ds_ops import load_ops
+
+    load_ops()  # clears a build lock left by a killed process
     deepspeed.init_distributed(dist_backend=GPU_BACKEND, auto_mpi_discovery=False)
 
 

@@ -42,6 +42,11 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
+    from condmoe.trainer.ds_ops import load_ops
+
+
+    load_ops()  # clears a build lock left by a killed process
+
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
