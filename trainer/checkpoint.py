@@ -3,7 +3,8 @@
 Layout under the checkpoint root::
 
     step-00000200/
-        ds/, portable.pt  the engine's state (trainer/ds_checkpoint.py writes and reads it)
+        ds/, portable/    the engine's state (trainer/ds_checkpoint.py writes and reads it;
+                          portable.pt instead of portable/ in checkpoints from before the sharded form)
         ema.pt            the weights' moving average, when the job keeps one (trainer/ema.py)
         meta.json         step, topology, data position, routing totals, resolved config
 
@@ -136,8 +137,8 @@ def read_meta(ckpt: str | Path) -> dict:
 class CheckpointManager:
     """save(step)/load() of one run's checkpoints under ``root`` (collective calls).
 
-    portable: also store the consolidated state that resumes on another world
-    size, ep_size or ZeRO stage (see trainer/ds_checkpoint.py).
+    portable: also store the portable state (sharded: each rank its slices) that resumes on
+    another world size, ep_size or ZeRO stage (see trainer/ds_checkpoint.py).
     ema: a WeightEma (trainer/ema.py) saved with every checkpoint and restored by ``load``.
     stage_dir: with an ``s3://`` root, this node's local folder for staging uploads and
     downloads (default: trainer.storage.stage_root).
@@ -206,7 +207,7 @@ class CheckpointManager:
         """Restore engine state from ``ckpt``; returns its meta dict (every rank).
 
         Same topology: DeepSpeed's own sharded load. Different worker count,
-        ep_size or ZeRO stage: the consolidated portable state, re-sharded.
+        ep_size or ZeRO stage: the portable state, re-sharded.
         An ``s3://`` checkpoint is downloaded first, once per node.
         """
         if storage.is_remote(ckpt):

@@ -4,25 +4,35 @@
 (trainer/checkpoint.py)::
 
     ds/...            DeepSpeed's sharded files (model, ZeRO optimiser, expert shards)
-    portable.pt       consolidated fp32 weights + optimiser state, experts by GLOBAL id
+    portable/         the portable state, sharded: each rank's fp32 weights + optimiser
+                      state slices by GLOBAL name (trainer/sharded_state.py)
 
 and returns the topology that goes into meta.json (world size, ZeRO stage,
-whether portable.pt exists). ``load_state`` takes DeepSpeed's own sharded load
-when the world size, ``ep_size`` and ZeRO stage all match the checkpoint's;
-otherwise (which DeepSpeed cannot do for MoE checkpoints with optimiser state,
-deepspeed issue #5716) it loads ``portable.pt``: every parameter's full fp32
-value and Adam/SGD state is set back through DeepSpeed's tensor-fragment API,
-which re-shards it over the new ZeRO partitions; expert parameters are renamed
-from global expert ids to the new rank's local ones.
+``portable``, ``portable_format``). ``load_state`` takes DeepSpeed's own
+sharded load when the world size, ``ep_size`` and ZeRO stage all match the
+checkpoint's; otherwise (which DeepSpeed cannot do for MoE checkpoints with
+optimiser state, deepspeed issue #5716) it restores the portable state: each
+rank reads the slices of every parameter's fp32 value and Adam/SGD state that
+its new ZeRO partition (and its experts, renamed from global to local ids)
+needs, straight into DeepSpeed's partitions.
+
+Checkpoints written before the sharded form (meta.json without
+``portable_format``, or ``"file"``) hold ``portable.pt``: the whole state
+consolidated on rank 0 (``consolidate``), restored by setting full values
+through DeepSpeed's tensor-fragment API (``restore_portable``). They still
+load; ``save_state(..., portable_format="file")`` still writes one.
 
 portable.pt holds only tensors, numbers, strings and lists/dicts of them, so
 it is read with ``torch.load(weights_only=True)``: a file holding any other
-pickled object is refused, never executed. (DeepSpeed reads its own ds/ files
-with ``weights_only=False``.)
+pickled object is refused, never executed. The sharded form has no pickle
+but DCP's weights-only tensor files and a checked JSON index (see
+trainer/dcp_slices.py). (DeepSpeed reads its own ds/ files with
+``weights_only=False``.)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 import pickle
@@ -39,6 +49,7 @@ _EXPERT = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
 # optimiser state per parameter: Adam/AdamW, SGD, RMSprop (torch's and condmoe.trainer.optim.RMSpropTF)
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg")
 PORTABLE = "portable.pt"
+PORTABLE_FORMATS = ("sharded", "file")  # meta.json's portable_format: portable/ (sharded_state.py), portable.pt
 
 
 def _rank() -> int:
@@ -46,21 +57,32 @@ def _rank() -> int:
 
 
 # ---------------------------------------------------------------- save / load
-def save_state(engine, directory: Path, *, portable: bool = True) -> dict:
-    """Write the engine's state into ``directory`` (collective); returns meta.json's topology."""
+def save_state(engine, directory: Path, *, portable: bool = True, portable_format: str = "sharded") -> dict:
+    """Write the engine's state into ``directory`` (collective); returns meta.json's topology.
+
+    portable_format: "sharded" (each rank writes its slices) or "file" (portable.pt, gathered on rank 0).
+    """
+    if portable_format not in PORTABLE_FORMATS:
+        raise ValueError(f"portable_format must be one of {PORTABLE_FORMATS}, got {portable_format!r}")
     engine.save_checkpoint(str(directory), tag="ds", save_latest=False)
-    state = consolidate(engine) if portable else None
-    if state is not None:  # rank 0 only
-        torch.save(storable(state), directory / PORTABLE)
+    if portable and portable_format == "sharded":
+        from .sharded_state import SHARDED_DIR, save_sharded  # it builds on this module's helpers
+
+        save_sharded(engine, directory / SHARDED_DIR)
+    elif portable:
+        state = consolidate(engine)
+        if state is not None:  # rank 0 only
+            torch.save(storable(state), directory / PORTABLE)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {"world_size": world, "zero_stage": engine.zero_optimization_stage(), "portable": portable}
+    return {"world_size": world, "zero_stage": engine.zero_optimization_stage(), "portable": portable,
+            **({"portable_format": portable_format} if portable else {})}
 
 
 def load_state(engine, directory: Path, meta: dict, *, world_size: int, ep_size: int) -> None:
     """Restore the engine from ``directory`` (every rank), saved with ``meta``.
 
     Same topology: DeepSpeed's own sharded load. Different worker count,
-    ep_size or ZeRO stage: the consolidated portable state, re-sharded here.
+    ep_size or ZeRO stage: the portable state, re-sharded here.
     """
     saved_stage = _saved_zero_stage(meta)
     stage = engine.zero_optimization_stage()
@@ -76,11 +98,36 @@ def load_state(engine, directory: Path, meta: dict, *, world_size: int, ep_size:
                 f"checkpoint {directory} was saved on {saved[0]} workers (ep {saved[1]}, ZeRO "
                 f"{saved_stage}) without checkpoint.portable; it can only resume on that topology, "
                 f"not {world_size} (ep {ep_size}, ZeRO {stage})")
-        restore_portable(engine, load_portable(directory / PORTABLE))
-        log.info("re-sharded checkpoint %s: world %d -> %d, ep %d -> %d, ZeRO %s -> %d", directory,
-                 saved[0], world_size, saved[1], ep_size, saved_stage, stage)
+        fmt = meta.get("portable_format", "file")  # checkpoints from before the sharded form: portable.pt
+        if fmt == "sharded":
+            from .sharded_state import SHARDED_DIR, restore_sharded
+
+            restore_sharded(engine, directory / SHARDED_DIR)
+        elif fmt == "file":
+            restore_portable(engine, load_portable(directory / PORTABLE))
+        else:
+            raise ValueError(f"checkpoint {directory}: unknown portable_format {fmt!r} "
+                             f"(this condmoe reads {', '.join(PORTABLE_FORMATS)})")
+        log.info("re-sharded checkpoint %s (%s portable state): world %d -> %d, ep %d -> %d, ZeRO %s -> %d",
+                 directory, fmt, saved[0], world_size, saved[1], ep_size, saved_stage, stage)
     engine.global_steps = int(meta["step"])
     engine.global_samples = int(meta.get("samples", 0))
+
+
+def read_portable(ckpt: Path) -> dict:
+    """A checkpoint's whole portable state, in portable.pt's structure, read in this process alone.
+
+    Either format (tools and tests; a resuming job reads only its slices)::
+
+        {"params": {global name: {"param": tensor, "exp_avg": tensor, ...}}, "optim_keys": [str],
+         "optim_step": int, "scheduler": dict | None, "buffers": {global name: tensor}}
+    """
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    if meta.get("portable_format", "file") == "sharded":
+        from .sharded_state import SHARDED_DIR, read_sharded_portable
+
+        return read_sharded_portable(Path(ckpt) / SHARDED_DIR)
+    return load_portable(Path(ckpt) / PORTABLE)
 
 
 def _saved_zero_stage(meta: dict) -> int | None:
@@ -119,14 +166,20 @@ def storable(value, where: str = "portable state"):
                     "stores only tensors, numbers, strings and lists/dicts of them")
 
 
+def refused(path: Path, err: pickle.UnpicklingError) -> ValueError:
+    """One line for a weights-only load that refused ``path`` (torch's message: several lines on
+    how to load it anyway), naming what it would have called."""
+    found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(err))
+    return ValueError(f"{path}: refused to load: it holds more than tensors, numbers and strings "
+                      f"({found.group(0) if found else 'not a weights-only file'})")
+
+
 def load_portable(path: Path) -> dict:
     """Read portable.pt with ``weights_only=True``; a file holding other objects is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message: several lines on how to load it anyway
-        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
-        raise ValueError(f"{path}: refused to load: it holds more than tensors, numbers and strings "
-                         f"({found.group(0) if found else 'not a weights-only file'})") from None
+    except pickle.UnpicklingError as e:
+        raise refused(path, e) from None
     if not isinstance(state, dict) or not {"params", "optim_keys"} <= state.keys():
         raise ValueError(f"{path}: not a condmoe portable state (no 'params'/'optim_keys')")
     return state
@@ -324,14 +377,19 @@ def restore_portable(engine, portable: dict) -> None:
     for n, b in module.named_buffers():
         if names[n] in portable["buffers"]:
             b.data.copy_(portable["buffers"][names[n]])
+    restore_counters(engine, portable["optim_step"], portable["scheduler"])
+
+
+def restore_counters(engine, optim_step: int, scheduler: dict | None) -> None:
+    """Set the optimiser's step count and the lr scheduler's state (either portable form)."""
     for s in _base_state(engine).values():
         if "step" in s:
-            s["step"] = (torch.tensor(float(portable["optim_step"]), dtype=s["step"].dtype,
+            s["step"] = (torch.tensor(float(optim_step), dtype=s["step"].dtype,
                                       device=s["step"].device)  # where the optimiser keeps it
-                         if torch.is_tensor(s["step"]) else portable["optim_step"])
+                         if torch.is_tensor(s["step"]) else optim_step)
     sched = engine.lr_scheduler
-    if portable["scheduler"] is not None and sched is not None:
-        sched.load_state_dict(portable["scheduler"])
+    if scheduler is not None and sched is not None:
+        sched.load_state_dict(scheduler)
         if hasattr(sched, "last_batch_iteration"):
             # DeepSpeed schedulers: put the restored iteration's lr into the optimiser groups now
             # (the next optimiser step runs before the scheduler's next step)

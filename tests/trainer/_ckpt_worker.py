@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from condmoe.trainer.checkpoint import CheckpointManager  # noqa: E402
 from condmoe.trainer.config import load_job  # noqa: E402
-from condmoe.trainer.ds_checkpoint import load_portable  # noqa: E402
+from condmoe.trainer.ds_checkpoint import read_portable  # noqa: E402
 from condmoe.trainer.engine import build_engine, setup_distributed  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     w1 = torch.load(Path(out).with_suffix(".w1.pt"))
     same = all(torch.equal(p, w1[n]) for n, p in engine.module.named_parameters())
     saved = mgr.save(engine, 3, {"ep_size": 1})
-    portable = load_portable(saved / "portable.pt")  # weights_only=True: plain data only
+    portable = read_portable(saved)  # JSON index + weights-only tensor chunks: plain data only
     same_portable = all(torch.equal(portable["params"][n]["param"], p) for n, p in engine.module.named_parameters())
     Path(out).write_text(json.dumps({"latest": str(latest), "step": meta["step"], "same_weights": same,
                                      "portable_weights_only": same_portable}))

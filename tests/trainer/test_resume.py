@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 
 import json
+import shutil
 from pathlib import Path
 
 from condmoe.trainer.checkpoint import list_checkpoints, read_meta
+from condmoe.trainer.ds_checkpoint import read_portable, storable
+from condmoe.trainer.sharded_state import SHARDED_DIR
 
 from trainer_testlib import run_workers, tiny_job
 
@@ -75,6 +78,20 @@ def test_zero_resume_on_other_world_size(job_file, tmp_path, fmnist_shards):
     _close(two["losses"], full["losses"], [4, 5, 6], 1e-4)
 
 
+def test_single_file_portable_checkpoint_still_resumes(job_file, tmp_path, fmnist_shards):
+    """A checkpoint as written before the sharded portable state (portable.pt, no portable_format
+    in meta.json) resumes on another ZeRO stage (0 -> 1, one worker) with the same next losses."""
+    solo = run_workers(job_file(tiny_job(fmnist_shards, steps=6, every=3), "solo"), 1, tmp_path / "solo.json")
+    ckpt = list_checkpoints(tmp_path / "runs" / "solo" / "checkpoints")[0]
+    assert read_meta(ckpt)["step"] == 3 and read_meta(ckpt)["zero_stage"] == 0
+    legacy = str(_as_single_file(ckpt, tmp_path / "legacy" / ckpt.name))
+    job = {**tiny_job(fmnist_shards, steps=6), "deepspeed": {"zero_stage": 1, "zero_on_one_worker": True}}
+    old = run_workers(job_file(job, "old"), 1, tmp_path / "old.json", resume=legacy)
+    assert old["resumed_from"] == legacy and sorted(old["losses"]) == [4, 5, 6]
+    assert read_meta(old["checkpoint"])["zero_stage"] == 1
+    _close(old["losses"], solo["losses"], [4, 5, 6], 1e-4)
+
+
 def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path, fmnist_shards):
     job = tiny_job(fmnist_shards, "test_moe_cnn", steps=6, every=3, ep_size=2)
     full = run_workers(job_file(job, "full"), 2, tmp_path / "full.json")
@@ -91,9 +108,21 @@ def test_expert_parallel_resume_ep2_to_ep1(job_file, tmp_path, fmnist_shards):
 
 
 def _portable_params(ckpt) -> dict:
+    """Every weight of a checkpoint's portable state (either format), by global name."""
+    return {n: e["param"] for n, e in read_portable(Path(ckpt))["params"].items()}
+
+
+def _as_single_file(ckpt: Path, dest: Path) -> Path:
+    """``ckpt`` as checkpoints were before the sharded portable state: portable.pt (the whole state
+    consolidated), no portable/ directory and no ``portable_format`` in meta.json."""
     import torch
 
-    return {n: e["param"] for n, e in torch.load(Path(ckpt) / "portable.pt", weights_only=True)["params"].items()}
+    shutil.copytree(ckpt, dest, ignore=shutil.ignore_patterns(SHARDED_DIR))
+    torch.save(storable(read_portable(ckpt)), dest / "portable.pt")
+    meta = read_meta(ckpt)
+    assert meta.pop("portable_format") == "sharded"
+    (dest / "meta.json").write_text(json.dumps(meta))
+    return dest
 
 
 def _same_params(a: dict, b: dict, atol: float) -> None:
