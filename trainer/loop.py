@@ -207,9 +207,22 @@ def _resume(cfg: JobConfig, engine, ckpts: CheckpointManager, resume, world: int
     return source, meta
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """torch's seed for optimiser step ``step`` on ``rank``: a hash of (optim.seed, step, rank).
+
+    Every random draw of a step (dropout masks, CIGT's random routing, noisy gates) is a
+    function of it, so a run resumed at step s draws in steps s+1, ... exactly what the
+    uninterrupted run drew, with no generator state in the checkpoint; ranks draw independently.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & (2**64 - 1), step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def train_step(run: _Run) -> tuple[float, dict[str, RoutingStats]]:
     """One optimiser step (grad_accum micro-steps): forward, backward, step; returns this rank's
     mean loss and its routing stats (micro-steps summed). Data wait is timed here."""
+    torch.manual_seed(step_seed(run.cfg.optim.seed, run.result.step + 1, run.rank))
     engine, loss_sum, stats = run.engine, 0.0, {}
     placement = placement_of(engine)  # device, dtype (bf16) and memory format of the inputs
     for _ in range(run.cfg.optim.grad_accum):

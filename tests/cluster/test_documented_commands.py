@@ -5,7 +5,7 @@ the comments of configs/*.yaml and deploy/ (plus RayJob entrypoints) and the hin
 in launch.py's missing-data error. Every one must parse with the real parser (a
 renamed flag, or a positional that became an option, fails here), every
 subcommand's --help runs, and the cheap ones run for real in a scratch folder on
-a Fashion-MNIST slice: the shards commands (writes get --limit), README's train
+a Fashion-MNIST slice: the shards commands (writes get --limit; generated photos too), README's train
 line on configs/coe.yaml with a few tiny overrides on embedded Ray, its resume
 line with --json -v, eval, experts and report. Commands that need a running
 cluster (submit, status, logs, stop, list) or object storage (s3://) are parsed only.
@@ -118,7 +118,12 @@ def test_the_commands_are_found():
     assert {"shards", "train", "eval", "submit", "status", "logs", "stop", "list", "experts", "report"} <= readme
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cmds = _in(f"configs/{path.name}")
-        assert "condmoe shards write fashion_mnist data/fashion_mnist" in cmds, path.name
+        if yaml.safe_load(path.read_text())["data"].get("resolution"):  # a photo-path job
+            assert "condmoe shards write imagefolder:/path/to/photos data/photos" in cmds, path.name
+            assert any(c.startswith("condmoe shards write photolike:") and c.endswith(" data/photos")
+                       for c in cmds), path.name
+        else:
+            assert "condmoe shards write fashion_mnist data/fashion_mnist" in cmds, path.name
         assert f"condmoe train configs/{path.name} --set optim.steps=500" in cmds, path.name
         assert f"condmoe train condmoe:{path.stem}" in cmds, path.name
     assert any(c.startswith("condmoe submit condmoe:condconv") for c in _in("deploy/ray-cluster.yaml"))
@@ -180,6 +185,7 @@ TINY = ["--set", "model.size=tiny", "--set", "optim.steps=2", "--set", "optim.wa
         "--set", "data.batch_size=32", "--set", "data.eval_batch_size=128", "--set", "checkpoint.every=2",
         "--set", "metrics.log_every=1", "--set", "metrics.eval_every=2", "--set", "metrics.eval_batches=1"]
 SHARD_SLICE = ["--limit", "640", "--samples-per-shard", "128", "--no-progress"]
+PHOTO_SLICE = ["--limit", "40", "--samples-per-shard", "16", "--no-progress"]  # generated JPEGs: ~50 ms each
 
 
 def _run(cmd: str, extra: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -207,8 +213,8 @@ def test_documented_commands_run(tmp_path):
         action, target = argv[2], argv[3]
         if any("://" in a for a in argv[3:]):  # object storage (README's S3 part): parsed only, like the cluster commands
             continue
-        if action == "write" and target.split(":")[0] in ("fashion_mnist", "digits", "synthetic"):
-            _run(shlex.join(argv), SHARD_SLICE, tmp_path)
+        if action == "write" and target.split(":")[0] in ("fashion_mnist", "digits", "synthetic", "photolike"):
+            _run(shlex.join(argv), PHOTO_SLICE if target.startswith("photolike:") else SHARD_SLICE, tmp_path)
             written.add(argv[4])
             ran.add(action)
         elif action in ("verify", "inspect") and target in written:
@@ -219,6 +225,13 @@ def test_documented_commands_run(tmp_path):
             else:
                 assert "train" in res.stdout and "test" in res.stdout
     assert ran == {"write", "verify", "inspect"} and {"data/fashion_mnist", "data/fmnist"} <= written
+    # the photo-path jobs' line for generated photos (configs/ headers), when README did not run it
+    for cmd in sorted({c for w, c in COMMANDS if w.startswith("configs/") and " photolike:" in c}):
+        out = shlex.split(cmd)[4]
+        if out not in written:
+            _run(cmd, PHOTO_SLICE, tmp_path)
+            written.add(out)
+        assert (tmp_path / out / "manifest.parquet").is_file(), cmd
 
     # README: train (quiet: no Ray Train line per report), resume with --json -v, eval
     (train,) = [c for c in readme if c.startswith("condmoe train configs/") and "--resume" not in c]
