@@ -83,6 +83,7 @@ def scenario(args, shards: Path, tmp: Path, name: str) -> dict:
         cl.add_node("node2", {"trainer": 1})
         run = tmp / "runs" / name
         out = tmp / f"{name}.out"
+        tmp.mkdir(parents=True, exist_ok=True)
         cmd = [str(CONDMOE), "train", str(ROOT / "configs" / "topk_moe.yaml"), "--address", cl.address,
                *[a for o in (f"data.path={shards}", f"model.size={args.size}", f"data.batch_size={args.batch}",
                              "optim.steps=100000", "optim.warmup_steps=2", f"checkpoint.every={args.every}",

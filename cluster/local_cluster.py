@@ -37,6 +37,7 @@ class Node:
     proc: subprocess.Popen
     log_path: Path
     resources: dict = field(default_factory=dict)
+    node_manager_port: int = 0
 
     @property
     def alive(self) -> bool:
@@ -116,7 +117,7 @@ class LocalCluster:
                "--min-worker-port=0", "--max-worker-port=0", *(f"--{k}={v}" for k, v in ports.items()), *role]
         with open(log_path, "w") as out:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        node = self.nodes[name] = Node(name, proc, log_path, resources)
+        node = self.nodes[name] = Node(name, proc, log_path, resources, ports["node-manager-port"])
         self._wait_alive(node, timeout)
         return node
 
@@ -144,6 +145,30 @@ class LocalCluster:
                 pass
         node.proc.wait()
         return t
+
+    def node_id(self, name: str) -> str:
+        """Ray's id (hex) of the live node ``name`` (found by its node-manager port)."""
+        code = ("import json, ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
+                "print(json.dumps([[n['NodeID'], n['NodeManagerPort']] for n in ray.nodes() if n['Alive']]))")
+        out = subprocess.run([sys.executable, "-c", code, self.address], env=self.env, capture_output=True,
+                             text=True, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"listing the nodes failed: {out.stderr[-2000:]}")
+        port = self.nodes[name].node_manager_port
+        ids = [nid for nid, p in json.loads(out.stdout.strip().splitlines()[-1]) if p == port]
+        if not ids:
+            raise RuntimeError(f"node {name} (node-manager port {port}) is not alive")
+        return ids[0]
+
+    def drain_node(self, name: str, deadline_s: int = 60) -> None:
+        """Ask the GCS to drain node ``name`` for preemption (what a spot reclaim or a Kubernetes drain does
+        through Ray's autoscaler), with ``deadline_s`` seconds until it goes; the node keeps running."""
+        cmd = [str(BIN / "ray"), "drain-node", f"--address={self.address}", f"--node-id={self.node_id(name)}",
+               "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=condmoe test preemption",
+               f"--deadline-remaining-seconds={deadline_s}"]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray drain-node failed: {out.stdout[-1000:]}{out.stderr[-2000:]}")
 
     def shutdown(self) -> None:
         """Kill every node (workers first, the head last) and remove the temp dir."""

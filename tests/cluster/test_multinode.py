@@ -8,7 +8,9 @@ job (``cluster.resources_per_worker: {trainer: 1}``) puts one worker on each nod
     of the interrupted epoch read exactly once;
 (b) elastic [1, 2], node 2 killed: the job carries on with 1 worker from the newest checkpoint
     (exactly once), node 2 restarted: it grows back to 2 (Prometheus counts the resizes);
-(c) SIGTERM to a worker: a checkpoint at the next step, the group restarts there, no lost step.
+(c) SIGTERM to a worker: a checkpoint at the next step, the group restarts there, no lost step;
+(d) Ray drains node 2 for preemption (``ray drain-node``, what a spot reclaim does): the same, and the
+    elastic job carries on without the draining node.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def _ensure_node2(cl: LocalCluster) -> None:
 class Job:
     """``condmoe train`` on the cluster as a subprocess (its output in a file), plus its run directory."""
 
-    def __init__(self, cl: LocalCluster, tmp: Path, shards, name: str, *overrides: str) -> None:
+    def __init__(self, cl: LocalCluster, tmp: Path, shards, name: str, *overrides: str,
+                 env: dict | None = None) -> None:
         self.run = tmp / "runs" / name
         self.out = tmp / f"{name}.out"
         cmd = [str(CONDMOE), "train", str(JOB), "--address", cl.address, "--set", f"data.path={shards}",
@@ -72,7 +75,7 @@ class Job:
                "--set", f"cluster.name={name}", "--set", "cluster.resources_per_worker={trainer: 1}",
                "--set", "cluster.start_timeout_s=15", "--set", "cluster.max_failures=4",
                "--set", "optim.warmup_steps=2", *[a for o in overrides for a in ("--set", o)]]
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", **cl.client_env}
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", **cl.client_env, **(env or {})}
         env.pop("RAY_ADDRESS", None)
         with open(self.out, "w") as f:
             self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -114,8 +117,9 @@ class Job:
         return read_meta(ck)["step"] if ck is not None else 0
 
 
-def final_view(lines: list[dict]) -> dict[int, list[str]]:
-    """step -> the keys the LAST attempt that trained the step read for it (all its ranks and micro-steps).
+def final_view(lines: list[dict]) -> dict[int, list[tuple[int, str]]]:
+    """step -> (epoch, key) of what the LAST attempt that trained the step read for it (all its ranks and
+    micro-steps).
 
     The latest line of a step names that attempt's world size W; in each of rank0..rank{W-1}'s logs
     the step's latest process is that attempt's (a later attempt of the step would be later still)."""
@@ -129,17 +133,18 @@ def final_view(lines: list[dict]) -> dict[int, list[str]]:
         for rank in range(world):
             mine = [x for x in lns if x["file"] == f"rank{rank}.jsonl"]
             pid = max(mine, key=lambda x: x["time"])["pid"]
-            keys += [k for x in mine if x["pid"] == pid for k in x["keys"]]
+            keys += [(x["epoch"], k) for x in mine if x["pid"] == pid for k in x["keys"]]
         out[step] = keys
     return out
 
 
-def _exactly_once(view: dict[int, list[str]], steps: int, epoch_steps: int) -> None:
+def _exactly_once(view: dict[int, list[tuple[int, str]]], steps: int) -> None:
+    """Steps 1..steps each read one global batch, and within each epoch (the reader's own label: a
+    resize may end it at another step) no sample twice."""
     assert sorted(view) == list(range(1, steps + 1))
     assert all(len(k) == BATCH for k in view.values()), {s: len(k) for s, k in view.items() if len(k) != BATCH}
-    for e in range(0, steps, epoch_steps):  # within each epoch every sample at most once
-        keys = [k for s in range(e + 1, min(e + epoch_steps, steps) + 1) for k in view[s]]
-        assert len(keys) == len(set(keys)), [k for k, c in Counter(keys).items() if c > 1][:5]
+    keys = [ek for s in view for ek in view[s]]
+    assert len(keys) == len(set(keys)), [k for k, c in Counter(keys).items() if c > 1][:5]
 
 
 def _epoch_steps(shards) -> int:
@@ -166,8 +171,8 @@ def test_a_fixed_job_waits_for_the_node(two_nodes, fmnist_shards, tmp_path):
     restarts = job.restarts()
     assert [r["world_size"] for r in restarts] == [2, 2] and 2 <= restarts[1]["step"] <= killed_at
     view = final_view(job.lines())
-    _exactly_once(view, steps, steps)
-    assert sum(len(k) for k in view.values()) == steps * BATCH
+    _exactly_once(view, steps)  # one epoch: every sample of it once
+    assert {e for ks in view.values() for e, _ in ks} == {0}
     assert job.checkpoint_step() == steps
 
 
@@ -188,7 +193,6 @@ def _scrape(text: str) -> dict[str, float]:
 def test_b_elastic_job_shrinks_and_grows(two_nodes, fmnist_shards, tmp_path):
     cl = two_nodes
     _ensure_node2(cl)
-    epoch = _epoch_steps(fmnist_shards)
     job = Job(cl, tmp_path, fmnist_shards, "elastic", "cluster.workers=[1, 2]", "optim.steps=400",
               "checkpoint.every=2", "cluster.resize_interval_s=5")
     try:
@@ -216,8 +220,7 @@ def test_b_elastic_job_shrinks_and_grows(two_nodes, fmnist_shards, tmp_path):
     ckpt = latest_checkpoint(job.run / "checkpoints")
     stop = read_jsonl(job.run / "metrics.jsonl", "stop")
     assert [s["reason"] for s in stop] == ["stop"] and read_meta(ckpt)["step"] == stop[0]["step"]
-    view = final_view(job.lines())
-    _exactly_once(view, stop[0]["step"], epoch)
+    _exactly_once(final_view(job.lines()), stop[0]["step"])
     # the 1-worker attempt read the global batch as 2 micro-batches of 32 (grad_accum 2)
     solo = [x for x in job.lines() if x["world"] == 1]
     assert {len(x["keys"]) for x in solo} == {BATCH // 2}
@@ -247,5 +250,32 @@ def test_c_sigterm_to_a_worker_checkpoints_next_step(two_nodes, fmnist_shards, t
     first = {x["pid"] for x in lines if x["step"] == 1}
     assert max(x["step"] for x in lines if x["pid"] in first) == step  # the first group trained up to it
     assert min(x["step"] for x in lines if x["pid"] not in first) == step + 1  # no step lost or redone
-    _exactly_once(final_view(lines), steps, steps)
+    _exactly_once(final_view(lines), steps)
     assert Counter((x["file"], x["step"]) for x in lines).most_common(1)[0][1] == 1
+
+
+def test_d_drain_notice_checkpoints_next_step(two_nodes, fmnist_shards, tmp_path):
+    cl = two_nodes
+    _ensure_node2(cl)
+    job = Job(cl, tmp_path, fmnist_shards, "drain", "cluster.workers=[1, 2]", "optim.steps=400",
+              "checkpoint.every=0", env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})  # the controller's
+    try:
+        job.wait(lambda: max((x["step"] for x in job.lines()), default=0) >= 3, 400, "step 3")
+        cl.drain_node("node2", deadline_s=120)
+        job.wait(lambda: read_jsonl(job.run / "metrics.jsonl", "stop"), 200, "the preemption checkpoint")
+        first = {x["pid"] for x in job.lines() if x["step"] == 1}
+        job.wait(lambda: [x for x in job.lines() if x["pid"] not in first], 300, "a step of the next group")
+        job.proc.send_signal(signal.SIGTERM)
+        assert job.finish(200) == 128 + signal.SIGTERM, job.text()[-4000:]
+    finally:
+        job.kill()
+        cl.kill_node("node2")  # the preemption itself; the next test starts it again
+    stops = read_jsonl(job.run / "metrics.jsonl", "stop")
+    assert stops[0]["reason"] == "preempt", stops
+    step = stops[0]["step"]
+    restarts = job.restarts()
+    assert restarts[1]["step"] == step and restarts[1]["world_size"] == 1, restarts  # not on the draining node
+    lines = job.lines()
+    assert max(x["step"] for x in lines if x["pid"] in first) == step
+    assert min(x["step"] for x in lines if x["pid"] not in first) == step + 1  # no step lost or redone
+    _exactly_once(final_view(lines), stops[-1]["step"])

@@ -55,6 +55,36 @@ def test_signal_stop_handler():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_driver_ctrl_c_asks_the_workers_once_then_gives_up(monkeypatch):
+    """condmoe train's side without Ray: the first Ctrl-C asks the workers to stop (and the fit's
+    result still comes back); a second one stops waiting for workers that do not return."""
+    from condmoe.cluster import preempt
+
+    requests = []
+    monkeypatch.setattr(preempt, "request_stop", requests.append)
+    before = signal.getsignal(signal.SIGINT)
+
+    def fit():  # returns once the workers were asked to stop
+        while not requests:
+            time.sleep(0.01)
+        return "result"
+
+    with preempt.DriverSignals() as signals:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        out = preempt.wait_for_fit(fit, signals, "stop/job/1", grace_s=30)
+    assert (out.result, out.signal, out.abandoned, requests) == ("result", "SIGINT", False, ["stop/job/1"])
+    assert signal.getsignal(signal.SIGINT) is before  # given back
+
+    hung = threading.Event()
+    with preempt.DriverSignals() as signals:
+        for delay in (0.2, 0.6):
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.monotonic()
+        out = preempt.wait_for_fit(hung.wait, signals, "stop/job/2", grace_s=30)
+    hung.set()
+    assert out.abandoned and out.signal == "SIGTERM" and out.result is None and time.monotonic() - t0 < 10
+
+
 def _job(tmp_path: Path, shards, name: str, *, steps: int, every: int) -> Path:
     tree = tiny_job(shards, steps=steps, every=every)
     tree["metrics"].update(record_keys=True, log_every=5)
