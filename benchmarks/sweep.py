@@ -9,7 +9,8 @@ Same machine, same run, the same trial jobs (the sweep's own trial configs):
 - sweep, as many at once as the CPUs hold (the default): what a sweep gains from concurrency;
 - the resumed sweep (every trial already done): the cost of a restart that has nothing to run.
 
-Prints a table and writes benchmarks/results/sweep.json.
+Each mode runs once per round, the order reversed every other round (the machine's load may drift);
+medians are reported. Prints a table and writes benchmarks/results/sweep.json.
 
     python benchmarks/sweep.py [--model condconv_cnn --size tiny --experts 1,2 --seeds 2 --steps 4]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,12 +32,20 @@ import yaml
 BIN = Path(sys.executable).parent
 
 
+RETRIES: list[str] = []  # commands run again because Ray did not start (its fixed 30 s raylet wait)
+
+
 def _timed(cmd: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    for attempt in range(3):
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if p.returncode == 0:
+            return time.perf_counter() - t0
+        if "timed out during startup" not in p.stderr or attempt == 2:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        RETRIES.append(" ".join(cmd[1:4]))
+        print(f"Ray did not start in time (a busy machine): again: {' '.join(cmd[1:4])}", flush=True)
+    raise AssertionError("unreachable")
 
 
 def main() -> int:
@@ -45,6 +55,7 @@ def main() -> int:
     ap.add_argument("--experts", default="1,2", help="grid values of model.experts")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds, in alternating order; medians reported")
     ap.add_argument("--data", default=None, help="shards (default: a 768-image Fashion-MNIST slice, written)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sweep.json")
     args = ap.parse_args()
@@ -71,34 +82,46 @@ def main() -> int:
     spec = make_spec(str(job), grid=grid, seeds=args.seeds, name="bench", exit_thresholds=None)
     trials = spec.trials()
 
-    # one by one: the sweep's own trial jobs, each a `condmoe train` of its own
-    seq = []
-    for t in trials:
-        cfg = spec.trial_job(t)
-        cfg.cluster.name = f"seq-{t.trial_id}"
-        cfg.cluster.storage_path = str(work / "seq")
-        path = work / f"seq-{t.trial_id}.yaml"
-        path.write_text(dump_job(cfg))
-        seq.append(_timed([str(BIN / "condmoe"), "train", str(path), "--json"], env))
-        print(f"one by one: {t.trial_id} {seq[-1]:.1f} s", flush=True)
+    def one_by_one(r: int) -> float:
+        """The sweep's own trial jobs, each a `condmoe train` of its own, back to back."""
+        total = 0.0
+        for t in trials:
+            cfg = spec.trial_job(t)
+            cfg.cluster.name = f"seq{r}-{t.trial_id}"
+            cfg.cluster.storage_path = str(work / "seq")
+            path = work / f"seq{r}-{t.trial_id}.yaml"
+            path.write_text(dump_job(cfg))
+            total += _timed([str(BIN / "condmoe"), "train", str(path), "--json"], env)
+        return total
 
     def sweep(name: str, *extra: str) -> float:
         return _timed([str(BIN / "condmoe"), "sweep", str(job), "--grid", grid[0], "--seeds", str(args.seeds),
                        "--name", name, "--exit-thresholds", "none", "--json", *extra], env)
 
-    one_at_a_time = sweep("bench-serial", "--max-concurrent", "1")
-    print(f"sweep, one at a time: {one_at_a_time:.1f} s", flush=True)
-    concurrent = sweep("bench-parallel")
-    print(f"sweep, concurrent: {concurrent:.1f} s", flush=True)
-    resumed = sweep("bench-parallel")
-    total_seq = sum(seq)
+    # rounds in alternating order, so a machine whose load drifts favours neither side
+    times: dict[str, list[float]] = {"one_by_one": [], "sweep_serial": [], "sweep_concurrent": []}
+    for r in range(args.rounds):
+        order = ["one_by_one", "sweep_serial", "sweep_concurrent"]
+        for mode in (order if r % 2 == 0 else order[::-1]):
+            if mode == "one_by_one":
+                value = one_by_one(r)
+            elif mode == "sweep_serial":
+                value = sweep(f"serial{r}", "--max-concurrent", "1")
+            else:
+                value = sweep(f"parallel{r}")
+            times[mode].append(value)
+            print(f"round {r}: {mode} {value:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    resumed = sweep("parallel0")  # every trial done: what a restart with nothing to run costs
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total_seq, one_at_a_time, concurrent = med["one_by_one"], med["sweep_serial"], med["sweep_concurrent"]
     result = {
-        "trials": len(trials), "model": args.model, "size": args.size, "steps": args.steps,
-        "cpus": os.cpu_count(), "one_by_one_s": seq, "one_by_one_total_s": total_seq,
+        "trials": len(trials), "model": args.model, "size": args.size, "steps": args.steps, "rounds": args.rounds,
+        "cpus": os.cpu_count(), "times_s": times, "one_by_one_total_s": total_seq,
         "sweep_serial_s": one_at_a_time, "sweep_concurrent_s": concurrent, "sweep_resume_nothing_s": resumed,
         "overhead_serial_s": one_at_a_time - total_seq,
         "overhead_serial_ratio": one_at_a_time / total_seq,
         "speedup_concurrent": total_seq / concurrent,
+        "retried_ray_start": RETRIES, "load_average_at_end": os.getloadavg(),
     }
     print()
     print(f"{'':34s} {'wall s':>8s} {'per trial s':>12s} {'vs one by one':>14s}")
