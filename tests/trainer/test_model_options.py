@@ -35,7 +35,22 @@ APPLIED = {
     "coe_cnn": ("lgm", "argmin", lambda m: m.config.lgm),
     "cigt_lenet": ("execution", "dense", lambda m: m.config.execution),
     "topk_moe_cnn": ("k", 2, lambda m: m.moe.k),
+    # the ImageNet-scale families
+    "basisnet_mobilenet_v3": ("temperature", 2.5, lambda m: m.config.temperature),
+    "coe_mobilenet": ("lgm", "argmin", lambda m: m.config.lgm),
+    "cigt_resnet": ("execution", "dense", lambda m: m.config.execution),
+    "condconv_efficientnet": ("dropout", 0.3, lambda m: _dropout_p(m)),
+    "condconv_mobilenet_v1": ("dropout", 0.3, lambda m: _dropout_p(m)),
+    "condconv_mobilenet_v2": ("dropout", 0.3, lambda m: _dropout_p(m)),
 }
+
+
+def _dropout_p(model) -> float:
+    """The rate of the classifier's dropout (the network's only nn.Dropout)."""
+    import torch.nn as nn
+
+    (p,) = {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    return p
 
 
 def _job(model: dict, **sections) -> dict:
@@ -128,7 +143,8 @@ def test_round_trip_through_dump(name):
 def test_set_option_reaches_the_built_model(path):
     name = yaml.safe_load(path.read_text())["model"]["name"]
     option, value, read = APPLIED[name]
-    cfg = load_job(path, [f"model.options.{option}={value}", "model.ep_size=1", "model.size=tiny"])
+    small = ["model.size=tiny"] if "tiny" in model_families()[name].sizes else []  # ImageNet nets: one size
+    cfg = load_job(path, [f"model.options.{option}={value}", "model.ep_size=1", *small])
     assert getattr(cfg.model.options, option) == value
     assert read(build_job_model(cfg)) == value
     check_model(load_job(path), load_job(path).cluster.workers)  # every shipped job builds
