@@ -210,6 +210,7 @@ def launch(cfg: JobConfig, *, resume: str | None = None, address: str | None = N
     key = stop_key(cfg.run_name, uuid.uuid4().hex)
     outcome = None
     try:
+        drop_ray_train_snapshot(cfg)
         trainer = _trainer(cfg, resume, key)
         with DriverSignals() as signals:  # SIGTERM / Ctrl-C: checkpoint at the next step, then stop
             outcome = wait_for_fit(trainer.fit, signals, key, cfg.cluster.preempt_grace_s)
@@ -256,6 +257,36 @@ def _trainer(cfg: JobConfig, resume: str | None, key: str):
                              failure_config=FailureConfig(max_failures=cl.max_failures),
                              worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
+
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's run state, in RunConfig's storage
+
+
+def drop_ray_train_snapshot(cfg: JobConfig) -> bool:
+    """Remove Ray Train's run snapshot left by an earlier driver of this run; True if there was one.
+
+    Ray Train V2 keeps the checkpoints reported to it in ``<storage>/<run>/checkpoint_manager_snapshot.json``
+    and refuses to start ("a reference to a checkpoint that does not exist anymore") when one of them is
+    gone, which condmoe's keep-last-K pruning does: a driver killed after a save pruned the oldest and
+    before the next report rewrote the snapshot leaves a run that can never be started again. condmoe
+    resumes from the run's own newest committed checkpoint (trainer/loop.py), so the snapshot holds
+    nothing a new driver needs; within one fit Ray Train keeps its state in memory.
+    """
+    from condmoe.trainer import storage
+
+    if cfg.remote_storage:
+        url = storage.join(str(cfg.cluster.storage_path), cfg.run_name, RAY_TRAIN_SNAPSHOT)
+        if not storage.exists(url):
+            return False
+        storage.delete_file(url)
+    else:
+        path = Path(cfg.cluster.storage_path) / cfg.run_name / RAY_TRAIN_SNAPSHOT
+        if not path.exists():
+            return False
+        path.unlink()
+    log.info("run %s: Ray Train's snapshot of an earlier driver removed; resuming from the run's own "
+             "newest checkpoint", cfg.run_name)
+    return True
 
 
 def _ray_storage(cfg: JobConfig) -> dict:

@@ -59,3 +59,25 @@ def test_config_job_trains_with_two_workers(job, fmnist_shards, ray_local, tmp_p
         assert ev["step"] == steps and ev["eval_samples"] == 2 * cfg.data.eval_batch_size
         assert 0.0 <= ev["eval_accuracy"] <= 1.0 and ev["eval_macs_per_sample"] > 0
         assert 0.0 <= ev["eval_exit_rate"] <= 1.0
+
+
+def test_rerun_after_a_pruned_checkpoint_left_ray_trains_snapshot_stale(fmnist_shards, ray_local, tmp_path):
+    """A driver killed after a save pruned the oldest checkpoint and before its report reached Ray Train
+    leaves a run snapshot naming a checkpoint that is gone; Ray Train then refused to start that run
+    ever again ("corrupted run directory"). Started again, the run resumes from its newest checkpoint."""
+    import shutil
+
+    over = [f"data.path={fmnist_shards}", "model.size=tiny", "optim.warmup_steps=0", "data.batch_size=32",
+            "data.eval_batch_size=128", "checkpoint.every=2", "metrics.eval_batches=1", "metrics.eval_every=0",
+            "metrics.prometheus.enabled=false", f"cluster.storage_path={tmp_path}", "cluster.workers=1",
+            "cluster.name=again"]
+    first = load_job(CONFIGS / "condconv.yaml", [*over, "optim.steps=4"])
+    assert launch(first).error is None
+    snapshot = first.run_dir / "checkpoint_manager_snapshot.json"
+    assert "step-00000002" in snapshot.read_text()  # Ray Train's list of the reported checkpoints
+    shutil.rmtree(first.checkpoint_dir / "step-00000002")
+    again = load_job(CONFIGS / "condconv.yaml", [*over, "optim.steps=6"])
+    res = launch(again)
+    assert res.error is None and res.metrics["step"] == 6
+    restart = read_jsonl(again.run_dir / "metrics.jsonl", "restart")[-1]
+    assert restart["step"] == 4 and restart["resumed_from"].endswith("step-00000004")
