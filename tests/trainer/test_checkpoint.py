@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_testlib import tiny_job
+from trainer_testlib import CodeRunningPayload, tiny_job
 
 from condmoe.trainer.checkpoint import CheckpointManager, latest_checkpoint, list_checkpoints, resolve_checkpoint
 from condmoe.trainer.ds_checkpoint import load_portable, storable
@@ -60,20 +60,6 @@ def test_resolve_and_keep_last_errors(tmp_path):
     assert [c.name for c in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
 
 
-def _touch(path: str) -> None:
-    Path(path).touch()
-
-
-class _Payload:
-    """Unpickling this runs code: it touches ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_touch, (self.marker,))
-
-
 class _Engine:
     """Just enough engine for the topology check that picks the portable load."""
 
@@ -91,7 +77,7 @@ def test_portable_state_holding_an_object_is_refused_unexecuted(tmp_path):
     marker = tmp_path / "ran"
     ckpt = _write(tmp_path / "step-00000001",
                   {"step": 1, "world_size": 2, "ep_size": 1, "zero_stage": 0, "portable": True})
-    torch.save({"params": {}, "optim_keys": [], "evil": _Payload(marker)}, ckpt / "portable.pt")
+    torch.save({"params": {}, "optim_keys": [], "evil": CodeRunningPayload(marker)}, ckpt / "portable.pt")
     torch.load(ckpt / "portable.pt", weights_only=False)  # the payload is live: plain unpickling runs it
     assert marker.exists()
     marker.unlink()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from trainer_testlib import tiny_job
+from trainer_testlib import CodeRunningPayload, rank_env, tiny_job
 
 from condmoe.trainer import dcp_slices
 from condmoe.trainer.checkpoint import CheckpointManager, list_checkpoints, read_meta
@@ -99,20 +99,6 @@ def test_a_load_reads_only_the_chunks_it_overlaps(two_rank_state, monkeypatch):
         read_slices(two_rank_state, {"param/a": Slice(torch.empty(11), 0, 11)}, index, alone=True)
 
 
-def _touch(path: str) -> None:
-    Path(path).touch()
-
-
-class _Payload:
-    """Unpickling this runs code: it touches ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_touch, (self.marker,))
-
-
 def _copy(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
@@ -125,7 +111,7 @@ def test_reading_a_foreign_sharded_state_runs_no_code(two_rank_state, tmp_path):
     evil = _copy(two_rank_state, tmp_path / "evil")
     # DCP's own reader unpickles .metadata: planted here, condmoe's reader never opens it
     with open(evil / ".metadata", "wb") as f:
-        pickle.dump(_Payload(marker), f)
+        pickle.dump(CodeRunningPayload(marker), f)
     assert torch.equal(read_full(evil)["param/b"], B) and not marker.exists()
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -135,7 +121,7 @@ def test_reading_a_foreign_sharded_state_runs_no_code(two_rank_state, tmp_path):
     marker.unlink()
     # a chunk that is a pickled object instead of a tensor: refused by the weights-only load
     buf = io.BytesIO()
-    torch.save(_Payload(marker), buf)
+    torch.save(CodeRunningPayload(marker), buf)
     index = json.loads((evil / INDEX).read_text())
     c = index["tensors"]["param/b"]["chunks"][0]
     with open(evil / c["file"], "ab") as f:
@@ -185,11 +171,8 @@ def _run(world: int, job: Path, mode: str, root: Path, out: Path, *overrides: st
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job), mode, str(root), str(out),
-                                       *overrides], env=env, stdout=subprocess.PIPE,
+                                       *overrides], env=rank_env(rank, world, port), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for p, log in zip(procs, logs):

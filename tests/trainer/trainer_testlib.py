@@ -13,14 +13,33 @@ from condmoe.trainer.engine import free_port
 WORKER = Path(__file__).resolve().parent / "_train_worker.py"
 
 
+def rank_env(rank: int, world: int, port: str) -> dict[str, str]:
+    """The environment of rank ``rank`` of a ``world``-process gloo group on 127.0.0.1:``port``."""
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def _touch(path: str) -> None:
+    Path(path).touch()
+
+
+class CodeRunningPayload:
+    """Unpickling this runs code: it touches ``marker`` (for the tests that a loader refuses it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
 def start_workers(job: Path, world: int, out: Path, *, resume: str | None = None,
                   overrides: list[str] = ()) -> list[subprocess.Popen]:
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        env = rank_env(rank, world, port)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job), str(out),
                                        resume or "-", *overrides], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
