@@ -280,7 +280,7 @@ def drop_ray_train_snapshot(cfg: JobConfig) -> bool:
             return False
         storage.delete_file(url)
     else:
-        path = Path(cfg.cluster.storage_path) / cfg.run_name / RAY_TRAIN_SNAPSHOT
+        path = cfg.run_dir / RAY_TRAIN_SNAPSHOT  # local storage: the run dir is Ray Train's experiment dir
         if not path.exists():
             return False
         path.unlink()
