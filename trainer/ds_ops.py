@@ -17,6 +17,14 @@ has open is stale and is removed (with a warning). DeepSpeed keeps loaded ops
 per process (``OpBuilder._loaded_ops``), so its own load inside
 ``init_distributed`` does not touch the lock file again.
 
+The build always runs the ``ninja`` of the ``ninja`` Python package (a DeepSpeed dependency), never
+whichever ``ninja`` comes first on PATH: torch runs plain ``ninja``, and two ninja versions hash
+the build commands in ``.ninja_log`` differently (1.11 MurmurHash, 1.12+ rapidhash), so each one
+takes the other's build for a changed command and rebuilds everything. On a machine with a system
+ninja beside the venv's (Debian's 1.11 in /usr/bin), every process started with the other PATH
+(an activated venv vs. ``.venv/bin/condmoe``, a Ray worker vs. its driver) spent a minute
+recompiling, holding the lock, while every other DeepSpeed process waited.
+
 ``python -m condmoe.trainer.ds_ops`` compiles them ahead of time (``make setup``
 does, so the first job does not spend its first minutes compiling).
 """
@@ -77,6 +85,25 @@ def _build_lock(build_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _pinned_ninja():
+    """PATH with the ``ninja`` package's binary first while torch builds (see the module docstring)."""
+    try:
+        import ninja
+    except ImportError:  # not installed: torch finds (and needs) one on PATH
+        yield None
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, *([before] if before else [])])
+    try:
+        yield ninja.BIN_DIR
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
 def load_ops() -> list[str]:
     """Load (compiling if needed) DeepSpeed's JIT ops for the current accelerator; returns their names.
 
@@ -95,7 +122,7 @@ def load_ops() -> list[str]:
             loaded.append(builder.name)
             continue
         build_dir = Path(_get_build_directory(builder.name, verbose=False))
-        with _build_lock(build_dir):
+        with _build_lock(build_dir), _pinned_ninja():
             clear_stale_lock(build_dir)
             builder.load(verbose=False)
         loaded.append(builder.name)

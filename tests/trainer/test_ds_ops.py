@@ -50,3 +50,32 @@ def test_deepspeed_starts_after_a_process_died_holding_the_build_lock():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "deepspeed_shm_comm" in res.stdout and "removed a stale DeepSpeed build lock" in res.stderr
     assert not os.path.exists(lock), f"still there after {time.monotonic() - t0:.0f} s"
+
+
+@pytest.mark.multiproc
+def test_the_op_is_not_rebuilt_for_another_ninja_on_path(tmp_path):
+    """Loads from processes whose PATH finds different ninjas first (the venv's, or the system's when
+    there is one) build once at most: every load runs the ninja package's binary, so the build log's
+    command hashes stay those of one ninja version (two versions hash differently, and each took the
+    other's build for a changed command: a minute's rebuild per switch)."""
+    import ninja
+
+    venv_bin = os.path.dirname(sys.executable)
+    paths = [os.pathsep.join([venv_bin, "/usr/bin", "/bin"]), os.pathsep.join(["/usr/bin", "/bin"])]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    where = subprocess.run([sys.executable, "-c", "from torch.utils.cpp_extension import _get_build_directory as d; "
+                            "print(d('deepspeed_shm_comm', False))"], env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    log = os.path.join(where, ".ninja_log")
+
+    def load(path: str) -> None:
+        res = subprocess.run([sys.executable, "-m", "condmoe.trainer.ds_ops"], env={**env, "PATH": path},
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    load(paths[0])  # built (if it was not) by the pinned ninja
+    before = open(log).read()
+    for path in (*paths[::-1], *paths):
+        load(path)
+    assert open(log).read() == before, "a load rebuilt the op"
+    assert os.path.isfile(os.path.join(ninja.BIN_DIR, "ninja"))
