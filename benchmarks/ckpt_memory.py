@@ -129,7 +129,10 @@ def worker(args) -> None:
     from condmoe.trainer.ds_checkpoint import PORTABLE, consolidate, load_state, storable
     from condmoe.trainer.sharded_state import SHARDED_DIR, save_sharded
 
+    from condmoe.trainer.ds_ops import load_ops
+
     torch.set_num_threads(1)
+    load_ops()  # the op built by the pinned ninja, under condmoe's lock (trainer/ds_ops.py)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     world, rank = dist.get_world_size(), dist.get_rank()
     engine, stage = _engine(args, world)
