@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +24,20 @@ def fmnist_slice() -> dict[str, torch.Tensor]:
     images, labels, _ = load_default_images("train", limit=2560)
     x, y = _to_tensors(images, labels)
     return {"x_train": x[:2048], "y_train": y[:2048], "x_val": x[2048:], "y_val": y[2048:]}
+
+
+def pytest_configure(config):
+    """Ray's token file (~/.ray/auth_token) is made once, before any test starts Ray: on a fresh machine
+    the first embedded Rays of the two pytest-xdist workers would otherwise each write their own token
+    there at the same moment, and one cluster's processes could read the other's."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller made it already
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".auth_token.{os.getpid()}")
+        tmp.write_text(secrets.token_hex(32))  # the form Ray itself generates
+        os.replace(tmp, path)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -103,7 +103,8 @@ def scraped_job(fmnist_shards, tmp_path_factory):
         "metrics.log_every=1", "metrics.eval_batches=1", f"cluster.storage_path={tmp}",
         "cluster.workers=2", "cluster.name=promjob", "metrics.prometheus.port=0"])
     os.environ["DS_ACCELERATOR"] = "cpu"
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    # address="local": always a fresh instance, never another test's (or anyone's) cluster on this host
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     prom = exporter = None
     try:
