@@ -6,7 +6,11 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.condmoe-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 APT_PACKAGES := dataset-fashion-mnist prometheus
-PYTEST_ARGS ?=
+# Two pytest processes, a test file each at a time (loadfile: a file's module fixtures, such as its
+# embedded Ray or its two-node cluster, stay one per file). Most of a Ray test's time is start-up
+# latency (processes importing torch, actors starting, node-death detection), so two files side by
+# side keep both cores busy; `make test PYTEST_ARGS=` runs them one by one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 RESULTS_ARGS ?=
 
 .PHONY: setup system-deps ds-ops demo test bench results clean
