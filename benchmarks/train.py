@@ -5,7 +5,9 @@ thread count per process, measured in one run:
 
 - samples/s of the plain loop (AdamW, no DeepSpeed, no Ray; a process of its
   own, started as a user would) and of ``condmoe train`` with 1 worker
-  (target >= 0.9x), interleaved over rounds (medians), and with 2 workers;
+  (target >= 0.95x) and with 2 workers (target >= 1.25x), interleaved over
+  rounds (medians); 2 workers also with ZeRO stage 0 (plain gradient
+  all-reduce) beside the job's stage, to show what ZeRO's partitioning costs;
   condmoe's rate is the median of its log intervals after the first
   (warm-up) one, the plain loop's over the same number of steps after warm-up;
 - the plain loop again with condmoe's worker environment (its malloc settings),
@@ -50,11 +52,12 @@ def _shards(path: Path, limit: int) -> Path:
     return write_shards("fashion_mnist", path, samples_per_shard=1000, limit=limit)
 
 
-def _job(args, shards: Path, storage: Path, workers: int, name: str, keep_zero: bool = False) -> Path:
+def _job(args, shards: Path, storage: Path, workers: int, name: str, keep_zero: bool = False,
+         zero: int | None = None) -> Path:
     tree = {"model": {"name": args.model, "size": args.size, "experts": args.experts},
             "data": {"path": str(shards), "batch_size": args.batch * workers, "eval_batch_size": 256},
             "optim": {"optimizer": "adamw", "lr": 1e-3, "steps": args.steps, "schedule": "constant"},
-            "deepspeed": {"zero_stage": args.zero, "zero_on_one_worker": keep_zero},
+            "deepspeed": {"zero_stage": args.zero if zero is None else zero, "zero_on_one_worker": keep_zero},
             "checkpoint": {"every": 0, "keep_last": 1},
             "metrics": {"log_every": args.log_every, "eval_every": 0, "eval_batches": 1},
             "cluster": {"workers": workers, "threads_per_worker": args.threads, "storage_path": str(storage),
@@ -180,29 +183,35 @@ def main() -> None:
         shards = _shards(args.shards or storage / "shards", args.limit)
         # every variant once per round, interleaved (machine load drifts on a shared host);
         # ratios are of the medians
-        runs: dict[str, list] = {"plain": [], "plain_worker_env": [], "one": [], "one_keep_zero": []}
+        runs: dict[str, list] = {"plain": [], "plain_worker_env": [], "one": [], "one_keep_zero": [], "two": [],
+                                 "two_zero0": []}
         for r in range(args.rounds):
             runs["plain"].append(plain_process(args, shards, {}))
             runs["one"].append(condmoe_job(args, _job(args, shards, storage, 1, f"w1-{r}"), storage, f"w1-{r}"))
             runs["plain_worker_env"].append(plain_process(args, shards, WORKER_MALLOC_ENV))
             runs["one_keep_zero"].append(condmoe_job(
                 args, _job(args, shards, storage, 1, f"w1z-{r}", keep_zero=True), storage, f"w1z-{r}"))
+            runs["two"].append(condmoe_job(args, _job(args, shards, storage, 2, f"w2-{r}"), storage, f"w2-{r}"))
+            runs["two_zero0"].append(condmoe_job(
+                args, _job(args, shards, storage, 2, f"w2z0-{r}", zero=0), storage, f"w2z0-{r}"))
             print(f"round {r + 1}/{args.rounds}: plain {runs['plain'][-1]:.1f}, 1 worker "
                   f"{runs['one'][-1]['samples_per_s']:.1f}, plain (worker env) "
                   f"{runs['plain_worker_env'][-1]:.1f}, 1 worker ZeRO {args.zero} "
-                  f"{runs['one_keep_zero'][-1]['samples_per_s']:.1f} samples/s", flush=True)
+                  f"{runs['one_keep_zero'][-1]['samples_per_s']:.1f}, 2 workers "
+                  f"{runs['two'][-1]['samples_per_s']:.1f}, 2 workers ZeRO 0 "
+                  f"{runs['two_zero0'][-1]['samples_per_s']:.1f} samples/s", flush=True)
         plain = statistics.median(runs["plain"])
         plain_env = statistics.median(runs["plain_worker_env"])
-        one, keep = ({k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]}
-                     for name in ("one", "one_keep_zero"))
-        two = condmoe_job(args, _job(args, shards, storage, 2, "w2"), storage, "w2")
+        one, keep, two, two0 = ({k: statistics.median(run[k] for run in runs[name]) for k in runs[name][0]}
+                                for name in ("one", "one_keep_zero", "two", "two_zero0"))
         ckpt = checkpoint_io(args, shards, storage)
 
     rows = [("plain PyTorch loop, 1 process", plain, None),
             ("plain loop, condmoe worker env", plain_env, None),
             ("condmoe train, 1 worker", one["samples_per_s"], one["first_step_s"]),
             (f"condmoe train, 1 worker ZeRO {args.zero}", keep["samples_per_s"], keep["first_step_s"]),
-            ("condmoe train, 2 workers", two["samples_per_s"], two["first_step_s"])]
+            (f"condmoe train, 2 workers ZeRO {args.zero}", two["samples_per_s"], two["first_step_s"]),
+            ("condmoe train, 2 workers ZeRO 0", two0["samples_per_s"], two0["first_step_s"])]
     print(f"\n{args.model}/{args.size} E={args.experts}, batch {args.batch}/worker, {args.threads} thread(s)"
           f"/process, ZeRO {args.zero} (1 worker: stage 0 unless kept), {args.steps} steps, "
           f"{args.rounds} rounds, {os.cpu_count()} CPUs")
@@ -211,8 +220,9 @@ def main() -> None:
         f = f"{first:.1f}s" if first is not None else "-"
         print(f"{name:<36} {rate:>10.1f} {rate / plain:>8.2f}x {rate / plain_env:>12.2f}x {f:>16}")
     paired = {name: [r["samples_per_s"] / p for r, p in zip(runs[name], runs["plain"])]
-              for name in ("one", "one_keep_zero")}
-    for name, label in (("one", "1 worker"), ("one_keep_zero", f"1 worker ZeRO {args.zero}")):
+              for name in ("one", "one_keep_zero", "two", "two_zero0")}
+    for name, label in (("one", "1 worker"), ("one_keep_zero", f"1 worker ZeRO {args.zero}"),
+                        ("two", f"2 workers ZeRO {args.zero}"), ("two_zero0", "2 workers ZeRO 0")):
         v = paired[name]
         print(f"{label} / plain, paired by round: median {statistics.median(v):.2f}x "
               f"(min {min(v):.2f}, max {max(v):.2f}, {len(v)} rounds)")
@@ -223,11 +233,12 @@ def main() -> None:
         "config": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(),
         "worker_env": WORKER_MALLOC_ENV, "runs": runs,
         "plain_samples_per_s": plain, "plain_worker_env_samples_per_s": plain_env,
-        "one_worker": one, "one_worker_keep_zero": keep, "two_workers": two,
+        "one_worker": one, "one_worker_keep_zero": keep, "two_workers": two, "two_workers_zero0": two0,
         "ratio_one_worker": one["samples_per_s"] / plain,
         "ratio_one_worker_same_env": one["samples_per_s"] / plain_env,
         "ratio_one_worker_keep_zero": keep["samples_per_s"] / plain,
-        "ratio_two_workers": two["samples_per_s"] / plain, "paired_round_ratios": paired,
+        "ratio_two_workers": two["samples_per_s"] / plain,
+        "ratio_two_workers_zero0": two0["samples_per_s"] / plain, "paired_round_ratios": paired,
         "checkpoint": ckpt}, indent=1))
     print(f"wrote {args.out}")
 
