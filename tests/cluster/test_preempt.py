@@ -25,7 +25,7 @@ WORKER = Path(__file__).resolve().parent / "_stop_worker.py"
 CONDMOE = Path(sys.executable).parent / "condmoe"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 
-from trainer_testlib import tiny_job  # noqa: E402
+from trainer_testlib import rank_env, tiny_job  # noqa: E402
 
 
 def test_signal_stop_handler():
@@ -99,10 +99,9 @@ def _start(job: Path, out: Path, world: int, **env) -> list[subprocess.Popen]:
     port = str(free_port())
     procs = []
     for rank in range(world):
-        dist_env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                    "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        e = {**os.environ, **(dist_env if world > 1 else {}), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-             **{k: str(v) for k, v in env.items()}}
+        base = rank_env(rank, world, port) if world > 1 else \
+            {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        e = {**base, **{k: str(v) for k, v in env.items()}}
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(job), str(out)], env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs

@@ -34,14 +34,19 @@ def test_a_lock_file_a_live_process_holds_stays(tmp_path):
     assert clear_stale_lock(tmp_path)  # its holder died: now it is stale
 
 
+def _build_dir(env: dict[str, str]) -> str:
+    """torch's build directory of DeepSpeed's shared-memory op, as a fresh process sees it."""
+    return subprocess.run([sys.executable, "-c", "from torch.utils.cpp_extension import _get_build_directory as d; "
+                           "print(d('deepspeed_shm_comm', False))"], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 @pytest.mark.multiproc
 def test_deepspeed_starts_after_a_process_died_holding_the_build_lock():
     """The real build directory of deepspeed_shm_comm with a lock file left behind (what SIGKILL during
     a load leaves): DeepSpeed's own load waits forever; condmoe's loads the op and starts."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    where = subprocess.run([sys.executable, "-c", "from torch.utils.cpp_extension import _get_build_directory as d; "
-                            "print(d('deepspeed_shm_comm', False))"], env=env, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    where = _build_dir(env)
     lock = os.path.join(where, "lock")
     open(lock, "a").close()  # its creator is gone
     t0 = time.monotonic()
@@ -63,9 +68,7 @@ def test_the_op_is_not_rebuilt_for_another_ninja_on_path(tmp_path):
     venv_bin = os.path.dirname(sys.executable)
     paths = [os.pathsep.join([venv_bin, "/usr/bin", "/bin"]), os.pathsep.join(["/usr/bin", "/bin"])]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    where = subprocess.run([sys.executable, "-c", "from torch.utils.cpp_extension import _get_build_directory as d; "
-                            "print(d('deepspeed_shm_comm', False))"], env=env, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    where = _build_dir(env)
     log = os.path.join(where, ".ninja_log")
 
     def load(path: str) -> None:
